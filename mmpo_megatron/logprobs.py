@@ -1,0 +1,116 @@
+"""Per-token and per-sequence log-probs of labels from vocab-parallel logits.
+
+Each tensor-parallel rank holds a contiguous shard ``[..., V / tp]`` of the logits. The log-prob
+of a label is ``logit[label] - logsumexp(logits)``: the shard maxima, the shard sums of
+``exp`` and the label's logit (held by exactly one rank) are combined with three all-reduces of
+``[...]``-sized tensors, so the full vocabulary is never gathered. Arithmetic is in fp32 (fp64 for
+fp64 logits) whatever the logits' dtype, the caller's logits are never written to (megatron's own
+``vocab_parallel_cross_entropy`` overwrites fp32 input in place), and the backward recomputes the
+softmax from the saved logits instead of keeping an fp32 ``[..., V / tp]`` copy alive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _tp_group_or_none() -> dist.ProcessGroup | None:
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def _group_size_and_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if group is None or not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+class _VocabParallelLabelLogProbs(torch.autograd.Function):
+    """log p(label) from a vocab shard; the backward needs no communication."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, group: dist.ProcessGroup | None) -> Tensor:  # type: ignore[override]
+        world_size, rank = _group_size_and_rank(group)
+        shard_size = logits.size(-1)
+        vocab_start = rank * shard_size
+
+        # At least fp32 whatever the logits' dtype (bf16 sums over a 128k vocab lose digits).
+        compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+        logits_max = logits.detach().amax(dim=-1).to(compute_dtype)
+        if world_size > 1:
+            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+
+        local_labels = labels - vocab_start
+        in_shard = (local_labels >= 0) & (local_labels < shard_size)
+        local_labels = torch.where(in_shard, local_labels, torch.zeros_like(local_labels))
+        label_logit = logits.detach().gather(-1, local_labels.unsqueeze(-1)).squeeze(-1).to(compute_dtype)
+        label_logit = torch.where(in_shard, label_logit - logits_max, torch.zeros_like(label_logit))
+
+        sum_exp = torch.exp(logits.detach().to(compute_dtype) - logits_max.unsqueeze(-1)).sum(dim=-1)
+        if world_size > 1:
+            # One collective for both: stack, reduce, split.
+            packed = torch.stack([sum_exp, label_logit])
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+            sum_exp, label_logit = packed[0], packed[1]
+
+        log_normaliser = logits_max + torch.log(sum_exp)
+        ctx.save_for_backward(logits, local_labels, in_shard, log_normaliser)
+        return label_logit - torch.log(sum_exp)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        logits, local_labels, in_shard, log_normaliser = ctx.saved_tensors
+        # d log p(label) / d logit_j = onehot_j - softmax_j, restricted to this shard.
+        grad = torch.exp(logits.to(log_normaliser.dtype) - log_normaliser.unsqueeze(-1))
+        grad.mul_(-grad_output.unsqueeze(-1))
+        grad.scatter_add_(-1, local_labels.unsqueeze(-1), (grad_output * in_shard).unsqueeze(-1))
+        return grad.to(logits.dtype), None, None
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Log-prob (fp32, or fp64 for fp64 logits) of each label under vocab-parallel logits ``[..., V / tp]`` (no vocab gather).
+
+    ``group`` defaults to megatron's tensor-parallel group when parallel_state is initialised.
+    Labels outside ``[0, V)`` (e.g. -100 padding) must be masked by the caller: they get a
+    log-prob as if they were token 0 on no rank, i.e. ``-logsumexp``.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on leading dims")
+    if group is None:
+        group = _tp_group_or_none()
+    return _VocabParallelLabelLogProbs.apply(logits, labels.long(), group)
+
+
+@dataclass
+class SequenceLogProbs:
+    """Masked per-sequence log-prob sums and the number of tokens each sum covers."""
+
+    sum: Tensor
+    tokens: Tensor
+
+    @property
+    def mean(self) -> Tensor:
+        """Per-token average; 0 for a sequence with no unmasked token."""
+        return self.sum / self.tokens.clamp(min=1).to(self.sum.dtype)
+
+
+def sequence_logprobs(
+    logits: Tensor, labels: Tensor, loss_mask: Tensor, group: dist.ProcessGroup | None = None
+) -> SequenceLogProbs:
+    """Sum over the last label dim of ``log p(label)`` where ``loss_mask`` is set (fp32)."""
+    if loss_mask.shape != labels.shape:
+        raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have the labels' shape {tuple(labels.shape)}")
+    mask = loss_mask.bool()
+    safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
+    per_token = token_logprobs(logits, safe_labels, group)
+    return SequenceLogProbs(
+        sum=(per_token * mask).sum(dim=-1),
+        tokens=mask.sum(dim=-1),
+    )

@@ -1,0 +1,288 @@
+"""Preference losses on per-pair sequence log-probs: MMPO and the baselines it is compared with.
+
+Every loss is a pure tensor function. It takes per-pair tensors (policy chosen, policy rejected
+and, except SimPO, reference chosen and reference rejected log-probs) and returns
+``(per_pair_loss, metrics)``, where ``metrics`` maps METHOD.md's metric names to detached
+per-pair tensors. Reducing over the global batch (sum over valid pairs, divided by the global
+pair count) is the caller's job, so the result does not depend on how the batch is split.
+
+The MMPO identity: ``log sigmoid(a - b) = a - LSE(a, b)``. With the literal auxiliary input
+(``aux_input="score_margin"``) the per-pair loss is written as ``-(1 - w) * LSE(sc, sr) - w * sc``,
+which is the paper's ``-LSE(sc, sr) - w * log sigmoid(sc - sr)`` exactly, but makes the ``w = 1``
+case ``-sc`` to the last bit: the rejected side then gets a gradient of exactly zero.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from mmpo_megatron.config import LossConfig
+
+Metrics = dict[str, Tensor]
+
+NORM_EPS = 1e-6
+"""The additive constant of MMPO's min-max normalisation (METHOD.md step 2)."""
+
+AuxInput = Literal["score_margin", "dpo_margin"]
+
+
+def _check_pairs(*tensors: Tensor) -> None:
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1 or any(t.dim() != 1 for t in tensors):
+        raise ValueError(
+            f"per-pair log-prob tensors must be 1-D and of equal length, got shapes {sorted(shapes)}"
+        )
+
+
+def prior_rewards(
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float,
+    eps_chosen: float = 0.9,
+    eps_rejected: float = 0.1,
+) -> tuple[Tensor, Tensor]:
+    """MMPO's prior rewards ``(eps_c + beta * lc_ref, eps_r + beta * lr_ref)``; no gradient."""
+    return (
+        (eps_chosen + beta * ref_chosen_logps).detach(),
+        (eps_rejected + beta * ref_rejected_logps).detach(),
+    )
+
+
+def minmax_over_pairs(reward_chosen: Tensor, reward_rejected: Tensor) -> tuple[Tensor, Tensor]:
+    """Minimum and maximum over the set {rc_i, rr_i} of the pairs given."""
+    values = torch.cat([reward_chosen.reshape(-1), reward_rejected.reshape(-1)])
+    return values.min(), values.max()
+
+
+def normalise_rewards(reward: Tensor, norm_min: Tensor | float, norm_max: Tensor | float) -> Tensor:
+    """Min-max normalisation ``(r - m + 1e-6) / (M - m + 1e-6)`` (finite when M == m)."""
+    return (reward - norm_min + NORM_EPS) / (norm_max - norm_min + NORM_EPS)
+
+
+def mmpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    eps_chosen: float = 0.9,
+    eps_rejected: float = 0.1,
+    aux_input: AuxInput = "score_margin",
+    aux_weight: float = 1.0,
+    normalize: bool = True,
+    norm_min: Tensor | float | None = None,
+    norm_max: Tensor | float | None = None,
+) -> tuple[Tensor, Metrics]:
+    """MMPO per-pair loss ``-LSE(sc, sr) - aux_weight * log sigmoid(a)`` and its metrics.
+
+    ``norm_min``/``norm_max`` are the statistics of the normalisation scope (see
+    ``mmpo_megatron.parallel.batch_stats``); both None means "normalise over the pairs given".
+    ``normalize=False`` is the scope ``none``: the prior rewards enter the scores unscaled.
+    """
+    _check_pairs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    if aux_input not in ("score_margin", "dpo_margin"):
+        raise ValueError(f"aux_input must be 'score_margin' or 'dpo_margin', got {aux_input!r}")
+    if (norm_min is None) != (norm_max is None):
+        raise ValueError("give both norm_min and norm_max, or neither")
+
+    reward_chosen, reward_rejected = prior_rewards(
+        ref_chosen_logps, ref_rejected_logps, beta=beta, eps_chosen=eps_chosen, eps_rejected=eps_rejected
+    )
+    if normalize:
+        if norm_min is None:
+            norm_min, norm_max = minmax_over_pairs(reward_chosen, reward_rejected)
+        reward_chosen = normalise_rewards(reward_chosen, norm_min, norm_max)
+        reward_rejected = normalise_rewards(reward_rejected, norm_min, norm_max)
+
+    score_chosen = policy_chosen_logps + reward_chosen
+    score_rejected = policy_rejected_logps + reward_rejected
+    log_marginal = torch.logaddexp(score_chosen, score_rejected)
+
+    dpo_margin = beta * ((policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps))
+    if aux_input == "score_margin":
+        # -LSE - w * (sc - LSE): the identity keeps w = 1 exactly -sc (see module docstring).
+        loss = -(1.0 - aux_weight) * log_marginal - aux_weight * score_chosen
+    else:
+        loss = -log_marginal - aux_weight * F.logsigmoid(dpo_margin)
+
+    with torch.no_grad():
+        metrics = _reward_metrics(score_chosen, score_rejected, policy_chosen_logps, policy_rejected_logps)
+        metrics["mmpo/posterior_chosen"] = torch.sigmoid(score_chosen - score_rejected)
+        metrics["mmpo/log_marginal"] = log_marginal.detach()
+        metrics["implicit_rewards/chosen"] = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+        metrics["implicit_rewards/rejected"] = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+        if normalize:
+            metrics["mmpo/norm_min"] = torch.as_tensor(norm_min, dtype=score_chosen.dtype).expand_as(score_chosen)
+            metrics["mmpo/norm_max"] = torch.as_tensor(norm_max, dtype=score_chosen.dtype).expand_as(score_chosen)
+    return loss, metrics
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Metrics]:
+    """DPO ``-log sigmoid(beta * margin)``; ``label_smoothing > 0`` gives conservative DPO (cDPO)."""
+    _check_pairs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    logits = beta * (chosen_ratio - rejected_ratio)
+    loss = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return loss, _implicit_reward_metrics(beta, chosen_ratio, rejected_ratio, policy_chosen_logps, policy_rejected_logps)
+
+
+def ipo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+) -> tuple[Tensor, Metrics]:
+    """IPO ``(margin - 1 / (2 beta))^2``; inputs are per-token-averaged log-probs."""
+    _check_pairs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    if beta <= 0:
+        raise ValueError(f"IPO needs beta > 0, got {beta}")
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    loss = (chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta)) ** 2
+    return loss, _implicit_reward_metrics(beta, chosen_ratio, rejected_ratio, policy_chosen_logps, policy_rejected_logps)
+
+
+def simpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 2.5,
+) -> tuple[Tensor, Metrics]:
+    """SimPO ``-log sigmoid(beta * (lc - lr) - gamma)`` on per-token-averaged log-probs (no reference)."""
+    _check_pairs(policy_chosen_logps, policy_rejected_logps)
+    loss = -F.logsigmoid(beta * (policy_chosen_logps - policy_rejected_logps) - gamma)
+    with torch.no_grad():
+        metrics = _reward_metrics(
+            beta * policy_chosen_logps, beta * policy_rejected_logps, policy_chosen_logps, policy_rejected_logps
+        )
+    return loss, metrics
+
+
+def chosen_nll(policy_chosen_logps_mean: Tensor) -> Tensor:
+    """Per-pair NLL of the chosen response per token (the RPO-style auxiliary term)."""
+    return -policy_chosen_logps_mean
+
+
+def _reward_metrics(
+    reward_chosen: Tensor, reward_rejected: Tensor, chosen_logps: Tensor, rejected_logps: Tensor
+) -> Metrics:
+    reward_chosen, reward_rejected = reward_chosen.detach(), reward_rejected.detach()
+    return {
+        "rewards/chosen": reward_chosen,
+        "rewards/rejected": reward_rejected,
+        # Ties count as wrong (METHOD.md).
+        "rewards/accuracies": (reward_chosen > reward_rejected).to(reward_chosen.dtype),
+        "rewards/margins": reward_chosen - reward_rejected,
+        "logps/chosen": chosen_logps.detach(),
+        "logps/rejected": rejected_logps.detach(),
+    }
+
+
+def _implicit_reward_metrics(
+    beta: float, chosen_ratio: Tensor, rejected_ratio: Tensor, chosen_logps: Tensor, rejected_logps: Tensor
+) -> Metrics:
+    with torch.no_grad():
+        return _reward_metrics(beta * chosen_ratio, beta * rejected_ratio, chosen_logps, rejected_logps)
+
+
+class PairLogProbs:
+    """Summed completion log-probs and completion token counts of a batch of pairs."""
+
+    def __init__(
+        self,
+        policy_chosen: Tensor,
+        policy_rejected: Tensor,
+        chosen_tokens: Tensor,
+        rejected_tokens: Tensor,
+        ref_chosen: Tensor | None = None,
+        ref_rejected: Tensor | None = None,
+    ) -> None:
+        self.policy_chosen = policy_chosen
+        self.policy_rejected = policy_rejected
+        # A completion always has >= 1 token after the data pipeline; clamp guards padding pairs.
+        self.chosen_tokens = chosen_tokens.clamp(min=1).to(policy_chosen.dtype)
+        self.rejected_tokens = rejected_tokens.clamp(min=1).to(policy_chosen.dtype)
+        self.ref_chosen = ref_chosen
+        self.ref_rejected = ref_rejected
+
+    def reduced(self, how: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(policy chosen, policy rejected, ref chosen, ref rejected) as sums or per-token means."""
+        if how == "sum":
+            return self.policy_chosen, self.policy_rejected, self.ref_chosen, self.ref_rejected
+        if how != "mean":
+            raise ValueError(f"log-prob reduction must be 'sum' or 'mean', got {how!r}")
+
+        def per_token(value: Tensor | None, count: Tensor) -> Tensor | None:
+            return None if value is None else value / count
+
+        return (
+            per_token(self.policy_chosen, self.chosen_tokens),
+            per_token(self.policy_rejected, self.rejected_tokens),
+            per_token(self.ref_chosen, self.chosen_tokens),
+            per_token(self.ref_rejected, self.rejected_tokens),
+        )
+
+
+def preference_loss(
+    config: "LossConfig",
+    logps: PairLogProbs,
+    *,
+    norm_min: Tensor | float | None = None,
+    norm_max: Tensor | float | None = None,
+) -> tuple[Tensor, Metrics]:
+    """Per-pair loss and metrics of the configured objective, plus the optional chosen-NLL term."""
+    if config.needs_reference and (logps.ref_chosen is None or logps.ref_rejected is None):
+        raise ValueError(f"loss {config.name!r} needs reference log-probs, none were given")
+    if config.name == "mmpo":
+        pc, pr, rc, rr = logps.reduced(config.logp_reduction)
+        loss, metrics = mmpo_loss(
+            pc,
+            pr,
+            rc,
+            rr,
+            beta=config.beta,
+            eps_chosen=config.eps_chosen,
+            eps_rejected=config.eps_rejected,
+            aux_input=config.aux_input,
+            aux_weight=config.aux_weight,
+            normalize=config.norm_scope != "none",
+            norm_min=norm_min,
+            norm_max=norm_max,
+        )
+    elif config.name == "dpo":
+        pc, pr, rc, rr = logps.reduced(config.logp_reduction)
+        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=config.beta, label_smoothing=config.label_smoothing)
+    elif config.name == "ipo":
+        loss, metrics = ipo_loss(*logps.reduced("mean"), beta=config.beta)
+    elif config.name == "simpo":
+        pc, pr, _, _ = logps.reduced("mean")
+        loss, metrics = simpo_loss(pc, pr, beta=config.beta, gamma=config.gamma)
+    else:  # LossConfig validates the name; this guards direct construction.
+        raise ValueError(f"unknown loss {config.name!r}")
+
+    if config.nll_weight > 0:
+        nll = chosen_nll(logps.policy_chosen / logps.chosen_tokens)
+        loss = loss + config.nll_weight * nll
+        metrics["nll/chosen"] = nll.detach()
+    return loss, metrics

@@ -1,0 +1,96 @@
+"""The parallel runtime and CPU shim: layouts come up and down in one process, megatron's RNG
+tracker and memory buffer work on CPU, and a real megatron GPTModel gives the same sequence
+log-probs at TP=1 and TP=2 (ours on its vocab-parallel logits, and megatron's own CE)."""
+
+import pytest
+import torch
+
+from mmpo_megatron.config import ConfigError, ParallelConfig
+from mmpo_megatron.logprobs import sequence_logprobs
+from mmpo_megatron.parallel import current_layout, destroy_parallel, initialize_parallel
+from mmpo_megatron.parallel.testing import run_on_ranks
+
+VOCAB, SEQ, BATCH = 64, 12, 3
+
+
+def tiny_gpt(tp):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    torch.manual_seed(7)  # use_cpu_initialization: full master weights from this seed, then split
+    cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, tensor_model_parallel_size=tp,
+                            use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0)
+    return GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB,
+                    max_sequence_length=SEQ, position_embedding_type="rope")
+
+
+def runtime_checks(seed):
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    out = {}
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=g)
+    ids, labels = tokens[:, :-1], tokens[:, 1:]
+    mask = torch.ones(BATCH, SEQ, dtype=torch.bool)
+    mask[:, :4] = False  # a 4-token prompt
+    positions = torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1)
+    causal = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), diagonal=1)
+
+    for tp in (1, 2):
+        layout = initialize_parallel(ParallelConfig(tensor_parallel=tp, device="cpu"))
+        assert layout == current_layout("cpu")
+        model = tiny_gpt(tp)
+        logits = model(ids, positions, causal)  # [b, s, V/tp]
+        ours = sequence_logprobs(logits, labels, mask)
+        ours.sum.sum().backward()
+        megatron_ce = tiny_gpt(tp)(ids, positions, causal, labels=labels)  # per-token CE [b, s]
+        out[tp] = {
+            "layout": (layout.tensor_parallel, layout.data_parallel, layout.tensor_rank, layout.data_rank),
+            "shard_vocab": logits.shape[-1],
+            "ours": ours.sum.detach(),
+            "megatron": -(megatron_ce * mask).sum(-1).detach(),
+        }
+        # The word embedding is vocab-sharded: its squared grad norm summed over TP is the full one.
+        grad_sq = model.embedding.word_embeddings.weight.grad.pow(2).sum()
+        torch.distributed.all_reduce(grad_sq, group=ps.get_tensor_model_parallel_group())
+        out[tp]["embedding_grad_norm_sq"] = grad_sq.item()
+        with get_cuda_rng_tracker().fork():
+            out[tp]["model_parallel_draw"] = torch.rand(4)
+        with get_cuda_rng_tracker().fork("data-parallel-rng"):
+            out[tp]["data_parallel_draw"] = torch.rand(4)
+        buffer = ps.get_global_memory_buffer().get_tensor((2, 3), torch.float32, "probe")
+        out[tp]["buffer_device"] = str(buffer.device)
+        destroy_parallel()
+
+    with pytest.raises(ConfigError, match="not divisible by tensor_parallel x pipeline_parallel"):
+        initialize_parallel(tensor_parallel=3, device="cpu")
+    return out
+
+
+def test_layouts_shim_and_megatron_model_logprobs():
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    r0, r1 = run_on_ranks(runtime_checks, 2, seed)
+    assert r0[1]["layout"] == (1, 2, 0, 0) and r1[1]["layout"] == (1, 2, 0, 1)
+    assert r0[2]["layout"] == (2, 1, 0, 0) and r1[2]["layout"] == (2, 1, 1, 0)
+    assert r0[2]["shard_vocab"] == VOCAB // 2 and r0[1]["shard_vocab"] == VOCAB
+    for r in (r0, r1):
+        for tp in (1, 2):
+            # Our vocab-parallel log-probs equal megatron's own vocab-parallel CE.
+            torch.testing.assert_close(r[tp]["ours"], r[tp]["megatron"], rtol=1e-5, atol=1e-4)
+            assert r[tp]["buffer_device"] == "cpu"
+        # TP=2 gives TP=1's numbers (same master weights, split).
+        torch.testing.assert_close(r[2]["ours"], r[1]["ours"], rtol=1e-5, atol=1e-4)
+        assert r[1]["embedding_grad_norm_sq"] > 0
+        assert r[2]["embedding_grad_norm_sq"] == pytest.approx(r[1]["embedding_grad_norm_sq"], rel=1e-4)
+    # Model-parallel RNG differs across TP ranks, data-parallel RNG does not.
+    assert not torch.equal(r0[2]["model_parallel_draw"], r1[2]["model_parallel_draw"])
+    assert torch.equal(r0[2]["data_parallel_draw"], r1[2]["data_parallel_draw"])
+
+
+def test_parallel_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="parallel.tensor_parallel"):
+        ParallelConfig(tensor_parallel=0)
+    with pytest.raises(ConfigError, match="parallel.device"):
+        ParallelConfig(device="tpu")
