@@ -7,7 +7,7 @@ before any heavy work, with an error that names the field.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+
 
 LOSS_NAMES = ("mmpo", "dpo", "ipo", "simpo")
 NORM_SCOPES = ("global", "dp_microbatch", "local", "none")
@@ -26,7 +26,7 @@ def _require(condition: bool, field: str, message: str) -> None:
 class LossConfig:
     """Which preference loss to train with and its hyper-parameters (METHOD.md)."""
 
-    name: Literal["mmpo", "dpo", "ipo", "simpo"] = "mmpo"
+    name: str = "mmpo"
     """The objective. MMPO is this project's reason to exist; the others are the paper's baselines."""
 
     beta: float = 0.1
@@ -38,18 +38,18 @@ class LossConfig:
     eps_rejected: float = 0.1
     """MMPO prior-reward offset of the rejected response (paper runs: 0.1)."""
 
-    aux_input: Literal["score_margin", "dpo_margin"] = "score_margin"
+    aux_input: str = "score_margin"
     """MMPO auxiliary term input: ``sc - sr`` (paper-literal) or the DPO margin."""
 
     aux_weight: float = 1.0
     """MMPO auxiliary weight lambda: 1.0 in the paper; 0 gives pure marginal likelihood.
     With ``score_margin`` and 1.0 the loss equals ``-sc``: the rejected side gets no gradient."""
 
-    norm_scope: Literal["global", "dp_microbatch", "local", "none"] = "global"
+    norm_scope: str = "global"
     """Where MMPO's min-max statistics come from. ``global`` (the optimizer step's whole batch) is
     the only scope whose result does not depend on the DP x micro-batch split."""
 
-    logp_reduction: Literal["sum", "mean"] = "sum"
+    logp_reduction: str = "sum"
     """Sequence log-prob for MMPO and DPO: sum over completion tokens (paper) or per-token mean.
     IPO and SimPO always use the mean, as their papers define them."""
 
@@ -103,7 +103,7 @@ class ParallelConfig:
     virtual_pipeline: int | None = None
     """Virtual stages per pipeline rank (interleaved 1F1B); None disables interleaving."""
 
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    device: str = "auto"
     """``auto`` picks CUDA (nccl) when a GPU is visible, else CPU (gloo, through the CPU shim)."""
 
     seed: int = 1234
@@ -127,3 +127,86 @@ class ParallelConfig:
             "parallel.device",
             f"must be 'auto', 'cuda' or 'cpu', got {self.device!r}",
         )
+
+
+@dataclass
+class DataSourceConfig:
+    """One preference data source."""
+
+    path: str = "embedded"
+    """``embedded`` (the bundled arithmetic pairs), a local .jsonl/.json/.parquet file, a folder
+    (``save_to_disk`` output, or a folder of such files), or a hub name (machines with internet)."""
+
+    split: str = "train"
+    """Split to read; slicing works (``train[:1000]``). A local file is the ``train`` split."""
+
+    format: str = "auto"
+    """auto, plain, orca, ultrafeedback, conversational, nemo, or columns (with ``columns``)."""
+
+    weight: float = 1.0
+    """Mixing weight relative to the other sources (the paper mixes its two sets 1:1)."""
+
+    columns: dict[str, str] | None = None
+    """For format ``columns``: ``{prompt: ..., chosen: ..., rejected: ...}`` column names."""
+
+    def __post_init__(self) -> None:
+        _require(self.weight > 0, "data source weight", f"must be > 0, got {self.weight} for {self.path!r}")
+
+
+@dataclass
+class DataConfig:
+    """Where the pairs come from and how they become token batches."""
+
+    train: list[DataSourceConfig] | None = None
+    """Training sources; None means the embedded demo data's train split."""
+
+    eval: list[DataSourceConfig] | None = None
+    """Held-out sources; None means the embedded demo data's test split when training on it."""
+
+    tokenizer: str = "embedded"
+    """A local tokenizer folder, a hub name, or ``embedded`` (byte-level, built in code)."""
+
+    max_length: int = 2312
+    """Prompt + completion token limit (paper: 2312)."""
+
+    max_prompt_length: int | None = 1800
+    """Prompts longer than this keep their last tokens (paper: 1800); None: only max_length applies."""
+
+    pad_to_multiple: int = 16
+    """Micro-batches pad to a multiple of this (FP8 GEMMs need 16)."""
+
+    on_bad_row: str = "skip"
+    """A row with a null/non-string/empty field or no assistant reply: counted skip or fatal error."""
+
+    group_by_length: bool = False
+    """Order each global batch's pairs by length before splitting it, so micro-batches pad less."""
+
+    num_proc: int = 1
+    """Processes for tokenisation (datasets.map); results are cached, so a restart re-uses them."""
+
+    seed: int = 1234
+    """Seed of the mixing and of the per-epoch shuffle."""
+
+    report_errors: int = 20
+    """How many bad rows the data report lists in full (all are counted)."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
+        _require(
+            self.max_prompt_length is None or 1 <= self.max_prompt_length < self.max_length,
+            "data.max_prompt_length",
+            f"must be in [1, max_length={self.max_length}), got {self.max_prompt_length}",
+        )
+        _require(self.pad_to_multiple >= 1, "data.pad_to_multiple", f"must be >= 1, got {self.pad_to_multiple}")
+        _require(self.on_bad_row in ("skip", "error"), "data.on_bad_row", f"must be 'skip' or 'error', got {self.on_bad_row!r}")
+        _require(self.num_proc >= 1, "data.num_proc", f"must be >= 1, got {self.num_proc}")
+        self.train = [_as_source(s) for s in self.train] if self.train else None
+        self.eval = [_as_source(s) for s in self.eval] if self.eval else None
+
+
+def _as_source(source) -> DataSourceConfig:
+    if isinstance(source, DataSourceConfig):
+        return source
+    if isinstance(source, str):
+        return DataSourceConfig(path=source)
+    return DataSourceConfig(**dict(source))
