@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: venv
-	$(BIN)/torchrun --nproc-per-node $(NPROC) examples/foundation_demo.py
+	$(BIN)/torchrun --nproc-per-node $(NPROC) examples/train_mmpo.py --config-name train_demo
 
 test: venv
 	$(BIN)/python -m pytest -q tests

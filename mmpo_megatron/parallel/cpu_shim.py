@@ -9,6 +9,7 @@ can run real TP/PP/DP on CPU. ../shared/CPU_MEGATRON.md lists each call site and
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import torch
@@ -149,6 +150,8 @@ _MODE: CudaToCpuMode | None = None
 def install_cuda_to_cpu_shims() -> None:
     """Install the process-wide CUDA -> CPU mapping (main thread). Idempotent."""
     global _MODE
+    # Routing property reads through the mode makes megatron's harmless reads of non-leaf .grad warn.
+    warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.current_stream = lambda *args, **kwargs: _NoopStream()

@@ -1,0 +1,155 @@
+"""The one place that constructs megatron-core models.
+
+megatron-core 0.19 deprecates GPTModel in favour of HybridModel: that change belongs here and
+nowhere else. Everything else receives the list of model chunks this module returns (one chunk,
+or one per virtual pipeline stage).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmpo_megatron.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """Vocab rounded up to a multiple of ``divisible_by x TP`` (Megatron-LM's rule)."""
+    multiple = divisible_by * tensor_parallel
+    return -(-vocab_size // multiple) * multiple
+
+
+def resolve_dtype(precision: PrecisionConfig, device: str) -> torch.dtype:
+    """The model dtype: ``auto`` is bf16 on GPU and fp32 on CPU."""
+    if precision.dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision.dtype]
+
+
+def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """Check that the model shape splits over the parallel layout; errors name the field."""
+    tp, pp, vpp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.virtual_pipeline or 1
+    if model.num_attention_heads % tp:
+        raise ConfigError(f"parallel.tensor_parallel: {tp} must divide model.num_attention_heads={model.num_attention_heads}")
+    if model.query_groups % tp:
+        raise ConfigError(f"parallel.tensor_parallel: {tp} must divide model.num_query_groups={model.query_groups}")
+    if model.num_layers % (pp * vpp):
+        raise ConfigError(
+            f"parallel.pipeline_parallel: pipeline_parallel x virtual_pipeline = {pp} x {vpp} must divide "
+            f"model.num_layers={model.num_layers}"
+        )
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, device: str):
+    """megatron's TransformerConfig for this model, layout and precision."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = resolve_dtype(precision, device)
+    fp8_kwargs = {}
+    if precision.fp8 is not None:
+        if model.layer_spec != "transformer_engine":
+            raise ConfigError("precision.fp8: FP8 needs model.layer_spec=transformer_engine")
+        fp8_kwargs = {"fp8": precision.fp8, "fp8_recipe": precision.fp8_recipe}
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
+        kv_channels=model.kv_channels,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.swiglu,
+        activation_func=F.silu if model.swiglu else F.gelu,
+        add_bias_linear=False,
+        add_qkv_bias=model.qkv_bias,
+        qk_layernorm=model.qk_norm,
+        init_method_std=model.init_method_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        # Same master weights at every TP size (initialised whole, then split): layouts compare exactly.
+        use_cpu_initialization=True,
+        # Pairs are the loss "tokens": megatron then divides gradients by the global pair count.
+        calculate_per_token_loss=True,
+        # Micro-batches pad to their own longest row, so pipeline p2p shapes vary.
+        variable_seq_lengths=True,
+        # megatron rejects variable_seq_lengths with the default (MoE-only) allgather dispatcher.
+        moe_token_dispatcher_type="alltoall",
+        **fp8_kwargs,
+    )
+
+
+def layer_spec(model: ModelConfig):
+    """The transformer layer spec named by ``model.layer_spec``."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if model.layer_spec == "transformer_engine":
+        try:
+            import transformer_engine  # noqa: F401
+        except Exception as exc:
+            raise ConfigError(
+                "model.layer_spec: transformer_engine needs Transformer Engine (pip install mmpo-megatron[te], "
+                f"or an NGC PyTorch image): {exc}"
+            ) from exc
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_norm, normalization=model.normalization)
+    if model.layer_spec == "local_sdpa":
+        from mmpo_megatron.model.sdpa_attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def build_model_chunks(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    *,
+    vocab_size: int,
+    device: str,
+    seed: int = 1234,
+) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual stage), on ``device``, bf16-wrapped when asked."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.module import Float16Module
+
+    validate_layout(model, parallel)
+    config = transformer_config(model, parallel, precision, device)
+    spec = layer_spec(model)
+    chunks = []
+    vpp = parallel.virtual_pipeline
+    for stage in range(vpp or 1):
+        vp_stage = stage if vpp else None
+        # The same seed on every rank: CPU initialisation builds whole master weights, then splits them.
+        torch.manual_seed(seed + 7919 * stage)
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size(vocab_size, model.make_vocab_size_divisible_by, parallel.tensor_parallel),
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=model.tie_embeddings,
+            position_embedding_type=model.position_embedding,
+            rotary_base=model.rotary_base,
+            rope_scaling=model.rope_scaling,
+            rope_scaling_factor=model.rope_scaling_factor,
+            vp_stage=vp_stage,
+        )
+        gpt.to(device)
+        chunks.append(Float16Module(config, gpt) if config.bf16 else gpt)
+    return chunks
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk

@@ -1,0 +1,1 @@
+"""Training: the step on megatron's schedules, reference log-probs, checkpoints, logging, the loop."""

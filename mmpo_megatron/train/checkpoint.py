@@ -1,0 +1,216 @@
+"""Checkpoints with megatron's dist_checkpointing: model, optimizer, scheduler, data position,
+RNG states and the resolved config.
+
+A checkpoint is written to ``step_NNNNNNN.tmp`` and renamed to ``step_NNNNNNN`` only after every
+rank has finished, so a crash during a save leaves the previous checkpoint as the newest complete
+one. Model weights reshard on load (any TP/PP); optimizer state resumes under the same TP/PP
+(DP may change: ``dp_reshardable``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step_(\d{7})$")
+TRAINER_STATE = "trainer_state.json"
+# The DistributedOptimizer's default sharding (fully_sharded_model_space) fails on this path
+# ("flattened_range is not supported"); fully_reshardable fails with KeyError 'step'.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def step_dir(root: Path, step: int) -> Path:
+    """Folder of the checkpoint of ``step``."""
+    return root / f"step_{step:07d}"
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (``.tmp`` leftovers are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / TRAINER_STATE).exists()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run/checkpoints folder (its newest complete checkpoint)."""
+    path = Path(path)
+    if (path / TRAINER_STATE).exists() or (path / "metadata.json").exists():
+        return path
+    for candidate in (path, path / "checkpoints"):
+        newest = latest_checkpoint(candidate)
+        if newest is not None:
+            return newest
+    raise FileNotFoundError(f"no complete checkpoint at {path} (expected step_NNNNNNN folders with {TRAINER_STATE})")
+
+
+def _model_state(chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    chunks: Sequence[torch.nn.Module],
+    optimizer,
+    trainer_state: dict[str, Any],
+    *,
+    keep_last: int,
+) -> Path:
+    """Save atomically (temporary name, renamed when complete); prune to the newest ``keep_last``."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final, tmp = step_dir(root, step), root / f"step_{step:07d}.tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state = _model_state(chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
+    dist_checkpointing.save(state, str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step, "world_size": dist.get_world_size()}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_weights(path: str | Path, chunks: Sequence[torch.nn.Module]) -> Path:
+    """Load model weights only (any TP/PP layout of the saved checkpoint)."""
+    from megatron.core import dist_checkpointing
+
+    path = resolve_checkpoint(path)
+    state = _model_state(chunks)
+    loaded = dist_checkpointing.load(state, str(path))
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+    return path
+
+
+def load_checkpoint(path: str | Path, chunks: Sequence[torch.nn.Module], optimizer) -> dict[str, Any]:
+    """Resume: weights, optimizer state and RNG states; returns the saved trainer state."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    trainer_state = json.loads((path / TRAINER_STATE).read_text())
+    same_layout = trainer_state.get("layout") == _current_layout()
+    state = _model_state(chunks)
+    if optimizer is not None and same_layout:
+        _prepare_optimizer_for_load(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
+    loaded = dist_checkpointing.load(state, str(path))
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+    if optimizer is not None:
+        if same_layout:
+            with torch.no_grad():  # in-place copies into leaf parameters' fp32 masters
+                optimizer.load_state_dict(loaded["optimizer"])
+            _fix_shared_adam_step(optimizer)
+        else:
+            log.warning(
+                "checkpoint %s was saved with layout %s, this run is %s: weights resharded, optimizer state restarts",
+                path, trainer_state.get("layout"), _current_layout(),
+            )
+    rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
+    if same_layout and rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return trainer_state
+
+
+def _current_layout() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
+        "data_parallel": ps.get_data_parallel_world_size(),
+        "virtual_pipeline": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+    }
+
+
+def layout_state() -> dict[str, int]:
+    """The parallel layout as stored in trainer_state.json."""
+    return _current_layout()
+
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _prepare_optimizer_for_load(optimizer) -> None:
+    # A fresh DistributedOptimizer has no Adam state yet, and its state_dict asserts one 'step'.
+    for opt in _inner_optimizers(optimizer):
+        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+        if init is not None and not opt.optimizer.state:
+            init()
+
+
+def _fix_shared_adam_step(optimizer) -> None:
+    # After load, torch Adam's per-parameter 'step' tensors are one shared, stale object on the
+    # DistributedOptimizer path: a resumed run would drift from its second step. Re-create them
+    # from the param group's step.
+    for opt in _inner_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state is not None and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]))
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])

@@ -1,0 +1,121 @@
+"""Reference log-probs: scored once and cached on disk (``precompute``), or per step by a resident
+frozen model (``resident``). Also the dataset-wide scoring used by evaluation and score_pairs.
+
+Only the last pipeline stage sees log-probs; :class:`PairScores` there holds every pair's values,
+gathered over data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from mmpo_megatron.data.batching import collate_pairs, eval_microbatches
+from mmpo_megatron.train.step import MicroBatch, score_microbatches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PairScores:
+    """Per-pair summed completion log-probs and token counts, indexed by dataset position."""
+
+    chosen: Tensor
+    rejected: Tensor
+    chosen_tokens: Tensor
+    rejected_tokens: Tensor
+
+    def take(self, positions: Sequence[int], device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """(chosen, rejected) of the given positions (padding positions, -1, get 0)."""
+        index = torch.tensor([max(p, 0) for p in positions])
+        return self.chosen[index].to(device), self.rejected[index].to(device)
+
+    def save(self, path: Path) -> None:
+        """Write atomically (temporary file, then rename)."""
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(self.__dict__, tmp)
+        tmp.rename(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "PairScores":
+        """Read a saved file."""
+        return cls(**torch.load(path, weights_only=True))
+
+
+def microbatches_for(pairs, positions: Sequence[int | None], pad_id: int, pad_to_multiple: int, device) -> MicroBatch:
+    """A MicroBatch of dataset positions (None = padding pair); ``batch.index`` holds the positions."""
+    rows = [None if p is None else {**pairs[int(p)], "index": int(p)} for p in positions]
+    return MicroBatch(collate_pairs(rows, pad_id, pad_to_multiple).to(device))
+
+
+def score_dataset(
+    chunks: Sequence[torch.nn.Module], pairs, micro_batch_size: int, pad_id: int, pad_to_multiple: int, device,
+    *, limit: int | None = None, progress: bool = False,
+) -> PairScores | None:
+    """Forward-only scores of every pair (or the first ``limit``); a PairScores on last-stage ranks."""
+    from megatron.core import parallel_state as ps
+
+    count = len(pairs) if limit is None else min(limit, len(pairs))
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    slots = eval_microbatches(count, micro_batch_size, dp_rank, dp_size)
+    micro = [microbatches_for(pairs, s, pad_id, pad_to_multiple, device) for s in slots]
+    for chunk in chunks:
+        chunk.eval()
+    results = []
+    # Bounded memory per schedule call: score in rounds of up to 64 micro-batches.
+    rounds = range(0, len(micro), 64)
+    if progress and dist.get_rank() == 0:
+        from tqdm import tqdm
+
+        rounds = tqdm(rounds, desc="scoring", unit="round")
+    for start in rounds:
+        results.extend(score_microbatches(chunks, micro[start : start + 64]))
+    for chunk in chunks:
+        chunk.train()
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    local = [(idx.cpu(), c.cpu(), r.cpu(), ct.cpu(), rt.cpu()) for idx, c, r, ct, rt in results]
+    gathered: list = [None] * dp_size
+    dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group(with_context_parallel=False))
+    scores = PairScores(*(torch.zeros(count, dtype=dt) for dt in (torch.float32, torch.float32, torch.long, torch.long)))
+    for rank_results in gathered:
+        for idx, c, r, ct, rt in rank_results:
+            keep = idx >= 0
+            scores.chosen[idx[keep]] = c[keep].float()
+            scores.rejected[idx[keep]] = r[keep].float()
+            scores.chosen_tokens[idx[keep]] = ct[keep]
+            scores.rejected_tokens[idx[keep]] = rt[keep]
+    return scores
+
+
+def fingerprint(*parts) -> str:
+    """A short stable hash of JSON-able parts (data fingerprint, weights identity, model shape...)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_scores(
+    cache_dir: Path, key: str, compute, *, is_writer: bool, on_last_stage: bool, device
+) -> PairScores | None:
+    """Load ``ref_<key>.pt`` if present on every rank, else run ``compute()`` (all ranks) and save it."""
+    path = cache_dir / f"ref_{key}.pt"
+    present = torch.tensor([1 if path.exists() else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(present, op=dist.ReduceOp.MIN)  # every rank takes the same branch
+    if present.item():
+        log.info("reference log-probs: cache hit %s", path)
+        return PairScores.load(path) if on_last_stage else None
+    scores = compute()
+    if is_writer:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        scores.save(path)
+    dist.barrier()
+    return scores

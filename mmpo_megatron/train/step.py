@@ -1,0 +1,143 @@
+"""One pass of megatron's pipeline schedules over a step's micro-batches: the policy training
+step (loss on the last stage) and forward-only log-prob scoring (reference, evaluation).
+
+Loss normalisation: megatron runs with ``calculate_per_token_loss``, our loss function returns
+the *sum* of per-pair losses and the number of valid pairs, and megatron's
+``finalize_model_grads`` divides the gradients by the global pair count (summed over micro-batches
+and DP ranks). So the update is the exact mean over the global batch whatever the DP x micro-batch
+layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from mmpo_megatron.config import LossConfig
+from mmpo_megatron.data.batching import PairBatch
+from mmpo_megatron.logprobs import sequence_logprobs
+from mmpo_megatron.losses import PairLogProbs, preference_loss
+
+MAX_PREFIX = "max/"
+"""Metrics whose name starts with this are reduced by MAX over the global batch (else mean)."""
+
+
+@dataclass
+class MicroBatch:
+    """A micro-batch of pairs and what the loss needs besides the tokens."""
+
+    batch: PairBatch
+    ref_chosen: Tensor | None = None  # [B] summed reference log-probs
+    ref_rejected: Tensor | None = None
+    norm_min: Tensor | None = None  # MMPO normalisation statistics of this micro-batch
+    norm_max: Tensor | None = None
+
+
+def _forward(model: torch.nn.Module, batch: PairBatch) -> Tensor:
+    # attention_mask=None: causal attention; right padding never leaks into real tokens.
+    return model(batch.input_ids, batch.position_ids, None)
+
+
+def pair_logps(logits: Tensor, batch: PairBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(chosen sums, rejected sums, chosen token counts, rejected token counts) from vocab-parallel logits."""
+    seq = sequence_logprobs(logits, batch.labels, batch.loss_mask)
+    pairs = batch.num_pairs
+    return seq.sum[:pairs], seq.sum[pairs:], seq.tokens[:pairs], seq.tokens[pairs:]
+
+
+def _loss_func(loss_config: LossConfig, micro: MicroBatch, logits: Tensor):
+    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(logits, micro.batch)
+    valid = micro.batch.pair_valid
+    logps = PairLogProbs(chosen, rejected, chosen_tokens, rejected_tokens, micro.ref_chosen, micro.ref_rejected)
+    loss, metrics = preference_loss(loss_config, logps, norm_min=micro.norm_min, norm_max=micro.norm_max)
+    loss_sum = (loss * valid).sum()
+    with torch.no_grad():
+        sums = {name: (value.double() * valid).sum() for name, value in metrics.items()}
+        sums["loss"] = (loss.detach().double() * valid).sum()
+        sums["nll/chosen_per_token"] = (-(chosen.detach() / logps.chosen_tokens).double() * valid).sum()
+        sums["pairs"] = valid.sum().double()
+        sums["tokens"] = torch.tensor(float(micro.batch.real_tokens()), dtype=torch.float64)
+        if micro.ref_chosen is not None:
+            diff = torch.cat([(chosen.detach() - micro.ref_chosen).abs()[valid], (rejected.detach() - micro.ref_rejected).abs()[valid]])
+            sums[MAX_PREFIX + "policy_ref_logp_diff"] = diff.max().double() if diff.numel() else torch.zeros((), dtype=torch.float64)
+    return loss_sum, valid.sum().to(torch.int), sums
+
+
+def _score_func(store: list, micro: MicroBatch, logits: Tensor):
+    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(logits, micro.batch)
+    store.append((micro.batch.index.clone(), chosen.detach(), rejected.detach(), chosen_tokens, rejected_tokens))
+    return logits.new_zeros(()), torch.zeros((), dtype=torch.int), {}
+
+
+def _run_schedule(
+    model_chunks: Sequence[torch.nn.Module],
+    micro_batches: Sequence[MicroBatch],
+    make_loss: Callable[[MicroBatch], Callable],
+    *,
+    forward_only: bool,
+) -> list:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        micro = next(data_iterator)
+        return _forward(model, micro.batch), make_loss(micro)
+
+    # Interleaved schedules want one iterator per virtual stage; each walks the same micro-batches.
+    iterators = [iter(micro_batches) for _ in model_chunks]
+    longest = max(int(m.batch.input_ids.shape[1]) for m in micro_batches)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
+        model=list(model_chunks) if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=longest,
+        micro_batch_size=2 * micro_batches[0].batch.num_pairs,
+        forward_only=forward_only,
+    )
+
+
+def train_microbatches(
+    model_chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], loss_config: LossConfig
+) -> list[dict[str, Tensor]]:
+    """Forward and backward of one optimizer step; returns each micro-batch's metric sums (last stage)."""
+    return _run_schedule(model_chunks, micro_batches, lambda m: partial(_loss_func, loss_config, m), forward_only=False)
+
+
+def score_microbatches(
+    model_chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch]
+) -> list[tuple[Tensor, ...]]:
+    """Forward-only sequence log-probs; returns (index, chosen, rejected, chosen_tokens, rejected_tokens)
+    per micro-batch on the last pipeline stage, nothing elsewhere."""
+    store: list = []
+    with torch.no_grad():
+        _run_schedule(model_chunks, micro_batches, lambda m: partial(_score_func, store, m), forward_only=True)
+    return store
+
+
+def reduce_step_metrics(per_micro: Sequence[dict[str, Tensor]], group: Any | None) -> dict[str, float]:
+    """Global-batch metrics from micro-batch sums: means over valid pairs, maxima for ``max/`` keys."""
+    import torch.distributed as dist
+
+    if not per_micro:
+        return {}
+    names = sorted(per_micro[0])
+    sum_names = [n for n in names if not n.startswith(MAX_PREFIX)]
+    max_names = [n for n in names if n.startswith(MAX_PREFIX)]
+    device = per_micro[0]["pairs"].device
+    sums = torch.stack([sum(m[n].to(device) for m in per_micro) for n in sum_names]).double()
+    maxes = torch.stack([max(m[n].to(device) for m in per_micro) for n in max_names]).double() if max_names else None
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(sums, group=group)
+        if maxes is not None:
+            dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+    totals = dict(zip(sum_names, sums.tolist()))
+    pairs = max(totals["pairs"], 1.0)
+    out = {n: v / pairs for n, v in totals.items() if n not in ("pairs", "tokens")}
+    out["pairs"], out["tokens"] = totals["pairs"], totals["tokens"]
+    if maxes is not None:
+        out.update({n[len(MAX_PREFIX):]: v for n, v in zip(max_names, maxes.tolist())})
+    return out
