@@ -48,6 +48,7 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # per-bucket parameter listings
     try:
         train_config, yaml = resolve_config(cfg)
+        train_config.validate_for_world(int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -36,24 +36,32 @@ class _VocabParallelLabelLogProbs(torch.autograd.Function):
     """log p(label) from a vocab shard; the backward needs no communication."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor, group: dist.ProcessGroup | None) -> Tensor:  # type: ignore[override]
+    def forward(ctx, logits: Tensor, labels: Tensor, group: dist.ProcessGroup | None, vocab_size: int | None) -> Tensor:  # type: ignore[override]
         world_size, rank = _group_size_and_rank(group)
         shard_size = logits.size(-1)
         vocab_start = rank * shard_size
+        # Columns past the true vocabulary (padding for TP / GEMM alignment) are not tokens.
+        valid_columns = shard_size if vocab_size is None else max(0, min(shard_size, vocab_size - vocab_start))
+        ctx.valid_columns = valid_columns
 
         # At least fp32 whatever the logits' dtype (bf16 sums over a 128k vocab lose digits).
         compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-        logits_max = logits.detach().amax(dim=-1).to(compute_dtype)
+        work = logits.detach().to(compute_dtype)
+        if valid_columns < shard_size:
+            work = work.clone() if work.data_ptr() == logits.data_ptr() else work
+            work[..., valid_columns:] = float("-inf")
+        logits_max = work.amax(dim=-1)
         if world_size > 1:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
 
         local_labels = labels - vocab_start
         in_shard = (local_labels >= 0) & (local_labels < shard_size)
         local_labels = torch.where(in_shard, local_labels, torch.zeros_like(local_labels))
-        label_logit = logits.detach().gather(-1, local_labels.unsqueeze(-1)).squeeze(-1).to(compute_dtype)
+        label_logit = work.gather(-1, local_labels.unsqueeze(-1)).squeeze(-1)
         label_logit = torch.where(in_shard, label_logit - logits_max, torch.zeros_like(label_logit))
 
-        sum_exp = torch.exp(logits.detach().to(compute_dtype) - logits_max.unsqueeze(-1)).sum(dim=-1)
+        sum_exp = torch.exp(work - logits_max.unsqueeze(-1)).sum(dim=-1)
+        del work
         if world_size > 1:
             # One collective for both: stack, reduce, split.
             packed = torch.stack([sum_exp, label_logit])
@@ -69,15 +77,20 @@ class _VocabParallelLabelLogProbs(torch.autograd.Function):
         logits, local_labels, in_shard, log_normaliser = ctx.saved_tensors
         # d log p(label) / d logit_j = onehot_j - softmax_j, restricted to this shard.
         grad = torch.exp(logits.to(log_normaliser.dtype) - log_normaliser.unsqueeze(-1))
+        grad[..., ctx.valid_columns :] = 0.0
         grad.mul_(-grad_output.unsqueeze(-1))
         grad.scatter_add_(-1, local_labels.unsqueeze(-1), (grad_output * in_shard).unsqueeze(-1))
-        return grad.to(logits.dtype), None, None
+        return grad.to(logits.dtype), None, None, None
 
 
-def token_logprobs(logits: Tensor, labels: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+def token_logprobs(
+    logits: Tensor, labels: Tensor, group: dist.ProcessGroup | None = None, vocab_size: int | None = None
+) -> Tensor:
     """Log-prob (fp32, or fp64 for fp64 logits) of each label under vocab-parallel logits ``[..., V / tp]`` (no vocab gather).
 
     ``group`` defaults to megatron's tensor-parallel group when parallel_state is initialised.
+    ``vocab_size`` (the unpadded vocabulary) excludes padding columns from the softmax, so the
+    result does not depend on how far the vocabulary was padded.
     Labels outside ``[0, V)`` (e.g. -100 padding) must be masked by the caller: they get a
     log-prob as if they were token 0 on no rank, i.e. ``-logsumexp``.
     """
@@ -85,7 +98,7 @@ def token_logprobs(logits: Tensor, labels: Tensor, group: dist.ProcessGroup | No
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on leading dims")
     if group is None:
         group = _tp_group_or_none()
-    return _VocabParallelLabelLogProbs.apply(logits, labels.long(), group)
+    return _VocabParallelLabelLogProbs.apply(logits, labels.long(), group, vocab_size)
 
 
 @dataclass
@@ -102,14 +115,18 @@ class SequenceLogProbs:
 
 
 def sequence_logprobs(
-    logits: Tensor, labels: Tensor, loss_mask: Tensor, group: dist.ProcessGroup | None = None
+    logits: Tensor,
+    labels: Tensor,
+    loss_mask: Tensor,
+    group: dist.ProcessGroup | None = None,
+    vocab_size: int | None = None,
 ) -> SequenceLogProbs:
     """Sum over the last label dim of ``log p(label)`` where ``loss_mask`` is set (fp32)."""
     if loss_mask.shape != labels.shape:
         raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have the labels' shape {tuple(labels.shape)}")
     mask = loss_mask.bool()
     safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
-    per_token = token_logprobs(logits, safe_labels, group)
+    per_token = token_logprobs(logits, safe_labels, group, vocab_size)
     return SequenceLogProbs(
         sum=(per_token * mask).sum(dim=-1),
         tokens=mask.sum(dim=-1),

@@ -118,6 +118,9 @@ def mmpo_loss(
         metrics["mmpo/log_marginal"] = log_marginal.detach()
         metrics["implicit_rewards/chosen"] = beta * (policy_chosen_logps - ref_chosen_logps).detach()
         metrics["implicit_rewards/rejected"] = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+        metrics["implicit_rewards/accuracies"] = (
+            metrics["implicit_rewards/chosen"] > metrics["implicit_rewards/rejected"]
+        ).to(score_chosen.dtype)
         if normalize:
             metrics["mmpo/norm_min"] = torch.as_tensor(norm_min, dtype=score_chosen.dtype).expand_as(score_chosen)
             metrics["mmpo/norm_max"] = torch.as_tensor(norm_max, dtype=score_chosen.dtype).expand_as(score_chosen)

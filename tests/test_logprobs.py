@@ -58,6 +58,12 @@ def logprob_layouts(seed):
                 "unchanged": torch.equal(shard.detach(), before),
                 "out_dtype": str(out.sum.dtype),
             }
+        # A padded vocabulary (70 real of 96): at TP=4 the last shard is all padding.
+        logits, labels, mask, grad_weights = make_inputs(seed, torch.float32)
+        shard = logits.chunk(size, dim=-1)[rank].clone().requires_grad_()
+        out = sequence_logprobs(shard, labels.clamp(max=69), mask, vocab_size=70)
+        (out.sum * grad_weights).sum().backward()
+        results[(tp, "padded")] = {"sum": out.sum.detach(), "grad_shard": shard.grad, "rank": rank}
         destroy_parallel()
     return results
 
@@ -82,6 +88,13 @@ def test_vocab_parallel_logprobs_match_full_log_softmax():
                                            msg=lambda m: f"tp={tp} {dtype} grads: {m} (seed {seed})")
                 # Masked positions (prompt, padding) get exactly zero gradient.
                 assert torch.all(r["grad_shard"][~mask] == 0)
+    logits, labels, mask, w = make_inputs(seed, torch.float32)
+    ref_sums, ref_grad = reference(logits[..., :70], labels.clamp(max=69), mask, w)
+    ref_grad = torch.nn.functional.pad(ref_grad, (0, VOCAB - 70))
+    for tp in (1, 2, 4):
+        for r in (res[(tp, "padded")] for res in per_rank):
+            torch.testing.assert_close(r["sum"].double(), ref_sums, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(r["grad_shard"].double(), ref_grad.chunk(tp, dim=-1)[r["rank"]], rtol=1e-5, atol=1e-6)
 
 
 def test_single_process_without_parallel_state_matches_reference():
@@ -105,3 +118,18 @@ def test_shape_errors_are_clear():
         token_logprobs(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="loss_mask"):
         sequence_logprobs(torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4))
+
+
+def test_vocab_padding_columns_do_not_change_logprobs():
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    logits, labels, mask, w = make_inputs(seed, torch.float32)
+    true_vocab = VOCAB - 13
+    labels = labels.clamp(max=true_vocab - 1)
+    padded = logits.clone().requires_grad_()
+    out = sequence_logprobs(padded, labels, mask, group=None, vocab_size=true_vocab)
+    (out.sum * w).sum().backward()
+    ref_sums, ref_grad = reference(logits[..., :true_vocab], labels, mask, w)
+    torch.testing.assert_close(out.sum.double(), ref_sums, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded.grad[..., :true_vocab].double(), ref_grad, rtol=1e-5, atol=1e-6)
+    assert torch.all(padded.grad[..., true_vocab:] == 0)
+    assert torch.equal(padded.detach(), logits)  # masking worked on a copy

@@ -52,6 +52,20 @@ class PairBatch:
         valid_rows = torch.cat([self.pair_valid, self.pair_valid])
         return int(self.row_lengths[valid_rows].sum())
 
+    def padded_to(self, length: int) -> "PairBatch":
+        """The same batch right-padded (masked, label 0) to ``length`` columns."""
+        extra = length - self.input_ids.shape[1]
+        if extra < 0:
+            raise ValueError(f"cannot pad a batch of length {self.input_ids.shape[1]} down to {length}")
+        if extra == 0:
+            return self
+        pad = lambda t, value: torch.nn.functional.pad(t, (0, extra), value=value)  # noqa: E731
+        positions = torch.arange(length, device=self.position_ids.device).unsqueeze(0).expand(self.position_ids.shape[0], -1)
+        return PairBatch(
+            input_ids=pad(self.input_ids, 0), labels=pad(self.labels, 0), loss_mask=pad(self.loss_mask, False),
+            position_ids=positions.contiguous(), pair_valid=self.pair_valid, index=self.index, row_lengths=self.row_lengths,
+        )
+
     def to(self, device: torch.device | str) -> "PairBatch":
         """A copy on ``device``."""
         return PairBatch(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})

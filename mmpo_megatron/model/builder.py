@@ -14,9 +14,19 @@ from mmpo_megatron.config import ConfigError, ModelConfig, ParallelConfig, Preci
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
-    """Vocab rounded up to a multiple of ``divisible_by x TP`` (Megatron-LM's rule)."""
-    multiple = divisible_by * tensor_parallel
-    return -(-vocab_size // multiple) * multiple
+    """Vocab rounded up to a multiple of ``divisible_by``, which TP must divide.
+
+    Megatron-LM pads to ``divisible_by x TP``, so its checkpoints change shape with TP. Padding
+    independent of TP keeps every checkpoint loadable at every TP; padding columns never enter
+    the log-probs (``logprobs`` masks them), so the padding amount changes no number.
+    """
+    padded = -(-vocab_size // divisible_by) * divisible_by
+    if padded % tensor_parallel:
+        raise ConfigError(
+            f"model.make_vocab_size_divisible_by: {divisible_by} gives a vocab of {padded}, which "
+            f"tensor_parallel={tensor_parallel} does not divide; use a multiple of {tensor_parallel}"
+        )
+    return padded
 
 
 def resolve_dtype(precision: PrecisionConfig, device: str) -> torch.dtype:
@@ -77,10 +87,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         use_cpu_initialization=True,
         # Pairs are the loss "tokens": megatron then divides gradients by the global pair count.
         calculate_per_token_loss=True,
-        # Micro-batches pad to their own longest row, so pipeline p2p shapes vary.
-        variable_seq_lengths=True,
-        # megatron rejects variable_seq_lengths with the default (MoE-only) allgather dispatcher.
-        moe_token_dispatcher_type="alltoall",
+        # Pipeline p2p buffers are sized from the schedule call's seq_length: the step pads its
+        # micro-batches to one length when PP > 1 (variable_seq_lengths deadlocks the interleaved
+        # schedule on gloo, and costs a shape exchange per message anyway).
+        variable_seq_lengths=False,
         **fp8_kwargs,
     )
 

@@ -63,9 +63,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _model_state(chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
+    # Names from the bare GPTModel: a checkpoint must not depend on DDP / Float16Module wrappers.
+    from mmpo_megatron.model.builder import unwrap
+
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+        return {"model": unwrap(chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _load_model_state(chunks: Sequence[torch.nn.Module], loaded: dict[str, Any]) -> None:
+    from mmpo_megatron.model.builder import unwrap
+
+    for i, chunk in enumerate(chunks):
+        unwrap(chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
 
 
 def _rng_state() -> dict[str, Any]:
@@ -124,9 +134,7 @@ def load_weights(path: str | Path, chunks: Sequence[torch.nn.Module]) -> Path:
 
     path = resolve_checkpoint(path)
     state = _model_state(chunks)
-    loaded = dist_checkpointing.load(state, str(path))
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+    _load_model_state(chunks, dist_checkpointing.load(state, str(path)))
     return path
 
 
@@ -142,8 +150,7 @@ def load_checkpoint(path: str | Path, chunks: Sequence[torch.nn.Module], optimiz
         _prepare_optimizer_for_load(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
     loaded = dist_checkpointing.load(state, str(path))
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+    _load_model_state(chunks, loaded)
     if optimizer is not None:
         if same_layout:
             with torch.no_grad():  # in-place copies into leaf parameters' fp32 masters

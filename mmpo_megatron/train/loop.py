@@ -40,11 +40,12 @@ class NonFiniteAbort(RuntimeError):
 
 def run_training(cfg: TrainConfig, *, config_yaml: str | None = None) -> list[dict[str, Any]]:
     """Train; returns the logged records (on global rank 0; other ranks return [])."""
-    from megatron.core import parallel_state as ps
+    import os
 
+    # Validate before any process group exists, so a bad layout fails fast with the field's name.
+    cfg.validate_for_world(int(os.environ.get("WORLD_SIZE", "1")))
     layout = initialize_parallel(cfg.parallel)
     try:
-        cfg.validate_for_world(layout.world_size)
         return _Trainer(cfg, layout, config_yaml).run()
     finally:
         destroy_parallel()
@@ -192,13 +193,16 @@ class _Trainer:
     def _score(self, chunks, pairs, progress: bool = False) -> PairScores | None:
         return score_dataset(
             chunks, pairs, self.cfg.train.micro_batch_size, self.pad_id, self.cfg.data.pad_to_multiple, self.device,
-            progress=progress,
+            self.vocab_size, progress=progress,
         )
 
     # ------------------------------------------------------------------------------- one step
     def _prepare_step(self, positions: list[list[int]]):
         cfg = self.cfg
-        micro = [microbatches_for(self.train_pairs, p, self.pad_id, cfg.data.pad_to_multiple, self.device) for p in positions]
+        micro = [
+            microbatches_for(self.train_pairs, p, self.pad_id, cfg.data.pad_to_multiple, self.device, self.vocab_size)
+            for p in positions
+        ]
         if not cfg.loss.needs_reference:
             return micro
         if self.ref_chunks is not None:  # resident: every stage runs the reference pipeline

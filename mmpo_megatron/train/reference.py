@@ -51,15 +51,17 @@ class PairScores:
         return cls(**torch.load(path, weights_only=True))
 
 
-def microbatches_for(pairs, positions: Sequence[int | None], pad_id: int, pad_to_multiple: int, device) -> MicroBatch:
+def microbatches_for(
+    pairs, positions: Sequence[int | None], pad_id: int, pad_to_multiple: int, device, vocab_size: int
+) -> MicroBatch:
     """A MicroBatch of dataset positions (None = padding pair); ``batch.index`` holds the positions."""
     rows = [None if p is None else {**pairs[int(p)], "index": int(p)} for p in positions]
-    return MicroBatch(collate_pairs(rows, pad_id, pad_to_multiple).to(device))
+    return MicroBatch(collate_pairs(rows, pad_id, pad_to_multiple).to(device), vocab_size=vocab_size)
 
 
 def score_dataset(
     chunks: Sequence[torch.nn.Module], pairs, micro_batch_size: int, pad_id: int, pad_to_multiple: int, device,
-    *, limit: int | None = None, progress: bool = False,
+    vocab_size: int, *, limit: int | None = None, progress: bool = False,
 ) -> PairScores | None:
     """Forward-only scores of every pair (or the first ``limit``); a PairScores on last-stage ranks."""
     from megatron.core import parallel_state as ps
@@ -67,7 +69,7 @@ def score_dataset(
     count = len(pairs) if limit is None else min(limit, len(pairs))
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     slots = eval_microbatches(count, micro_batch_size, dp_rank, dp_size)
-    micro = [microbatches_for(pairs, s, pad_id, pad_to_multiple, device) for s in slots]
+    micro = [microbatches_for(pairs, s, pad_id, pad_to_multiple, device, vocab_size) for s in slots]
     for chunk in chunks:
         chunk.eval()
     results = []

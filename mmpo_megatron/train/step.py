@@ -10,7 +10,7 @@ layout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Callable, Sequence
 
@@ -31,6 +31,7 @@ class MicroBatch:
     """A micro-batch of pairs and what the loss needs besides the tokens."""
 
     batch: PairBatch
+    vocab_size: int | None = None  # the unpadded vocabulary: padding columns are not tokens
     ref_chosen: Tensor | None = None  # [B] summed reference log-probs
     ref_rejected: Tensor | None = None
     norm_min: Tensor | None = None  # MMPO normalisation statistics of this micro-batch
@@ -42,15 +43,15 @@ def _forward(model: torch.nn.Module, batch: PairBatch) -> Tensor:
     return model(batch.input_ids, batch.position_ids, None)
 
 
-def pair_logps(logits: Tensor, batch: PairBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def pair_logps(logits: Tensor, batch: PairBatch, vocab_size: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(chosen sums, rejected sums, chosen token counts, rejected token counts) from vocab-parallel logits."""
-    seq = sequence_logprobs(logits, batch.labels, batch.loss_mask)
+    seq = sequence_logprobs(logits, batch.labels, batch.loss_mask, vocab_size=vocab_size)
     pairs = batch.num_pairs
     return seq.sum[:pairs], seq.sum[pairs:], seq.tokens[:pairs], seq.tokens[pairs:]
 
 
 def _loss_func(loss_config: LossConfig, micro: MicroBatch, logits: Tensor):
-    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(logits, micro.batch)
+    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(logits, micro.batch, micro.vocab_size)
     valid = micro.batch.pair_valid
     logps = PairLogProbs(chosen, rejected, chosen_tokens, rejected_tokens, micro.ref_chosen, micro.ref_rejected)
     loss, metrics = preference_loss(loss_config, logps, norm_min=micro.norm_min, norm_max=micro.norm_max)
@@ -68,7 +69,7 @@ def _loss_func(loss_config: LossConfig, micro: MicroBatch, logits: Tensor):
 
 
 def _score_func(store: list, micro: MicroBatch, logits: Tensor):
-    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(logits, micro.batch)
+    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(logits, micro.batch, micro.vocab_size)
     store.append((micro.batch.index.clone(), chosen.detach(), rejected.detach(), chosen_tokens, rejected_tokens))
     return logits.new_zeros(()), torch.zeros((), dtype=torch.int), {}
 
@@ -80,7 +81,13 @@ def _run_schedule(
     *,
     forward_only: bool,
 ) -> list:
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    longest = max(int(m.batch.input_ids.shape[1]) for m in micro_batches)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        # p2p buffers have one shape per schedule call.
+        micro_batches = [replace(m, batch=m.batch.padded_to(longest)) for m in micro_batches]
 
     def forward_step(data_iterator, model):
         micro = next(data_iterator)
@@ -88,7 +95,6 @@ def _run_schedule(
 
     # Interleaved schedules want one iterator per virtual stage; each walks the same micro-batches.
     iterators = [iter(micro_batches) for _ in model_chunks]
-    longest = max(int(m.batch.input_ids.shape[1]) for m in micro_batches)
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
