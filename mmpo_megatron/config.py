@@ -222,6 +222,10 @@ class ModelConfig:
     name: str = "tiny"
     """A label for logs and checkpoints."""
 
+    from_hf: str | None = None
+    """An HF model folder (or a converted checkpoint): its config.json gives the shape, and the
+    fields below are ignored except layer_spec and make_vocab_size_divisible_by."""
+
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4

@@ -108,7 +108,7 @@ def score_pairs(args: argparse.Namespace) -> dict | None:
         dist.barrier()
         return summary
     finally:
-        destroy_parallel(destroy_process_group=True)
+        destroy_parallel()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,11 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     from mmpo_megatron.config import ConfigError
     from mmpo_megatron.data.formats import DataError
 
+    from mmpo_megatron.parallel import destroy_parallel
+
     try:
         score_pairs(args)
     except (ConfigError, DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        destroy_parallel(destroy_process_group=True)
     return 0
 
 

@@ -50,7 +50,9 @@ def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
         )
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, device: str):
+def transformer_config(
+    model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, device: str, initialize: bool = True
+):
     """megatron's TransformerConfig for this model, layout and precision."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -85,6 +87,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         pipeline_dtype=dtype,
         # Same master weights at every TP size (initialised whole, then split): layouts compare exactly.
         use_cpu_initialization=True,
+        perform_initialization=initialize,
         # Pairs are the loss "tokens": megatron then divides gradients by the global pair count.
         calculate_per_token_loss=True,
         # Pipeline p2p buffers are sized from the schedule call's seq_length: the step pads its
@@ -124,6 +127,7 @@ def build_model_chunks(
     vocab_size: int,
     device: str,
     seed: int = 1234,
+    initialize: bool = True,
 ) -> list[torch.nn.Module]:
     """This rank's model chunks (one per virtual stage), on ``device``, bf16-wrapped when asked."""
     from megatron.core import parallel_state as ps
@@ -131,7 +135,7 @@ def build_model_chunks(
     from megatron.core.transformer.module import Float16Module
 
     validate_layout(model, parallel)
-    config = transformer_config(model, parallel, precision, device)
+    config = transformer_config(model, parallel, precision, device, initialize)
     spec = layer_spec(model)
     chunks = []
     vpp = parallel.virtual_pipeline

@@ -100,10 +100,21 @@ def save_checkpoint(
     keep_last: int,
 ) -> Path:
     """Save atomically (temporary name, renamed when complete); prune to the newest ``keep_last``."""
+    root = Path(root)
+    final = save_to(step_dir(root, step), chunks, optimizer, {**trainer_state, "step": step})
+    if dist.get_rank() == 0:
+        for old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def save_to(final: Path, chunks: Sequence[torch.nn.Module], optimizer, trainer_state: dict[str, Any]) -> Path:
+    """Write a checkpoint folder under a temporary name and rename it when every rank is done."""
     from megatron.core import dist_checkpointing
 
-    root = Path(root)
-    final, tmp = step_dir(root, step), root / f"step_{step:07d}.tmp"
+    final = Path(final)
+    tmp = final.with_name(final.name + ".tmp")
     rank = dist.get_rank()
     if rank == 0:
         if tmp.exists():
@@ -118,12 +129,10 @@ def save_checkpoint(
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
-        (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step, "world_size": dist.get_world_size()}, indent=2))
+        (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "world_size": dist.get_world_size()}, indent=2))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from mmpo_megatron.config import TrainConfig
+from mmpo_megatron.config import ModelConfig, TrainConfig
 from mmpo_megatron.data.batching import PairSampler
 from mmpo_megatron.data.pipeline import build_pairs, eval_sources, train_sources, write_report
 from mmpo_megatron.data.tokenizer import load_tokenizer
@@ -42,6 +42,8 @@ def run_training(cfg: TrainConfig, *, config_yaml: str | None = None) -> list[di
     """Train; returns the logged records (on global rank 0; other ranks return [])."""
     import os
 
+    if cfg.model.from_hf:
+        cfg.model = model_from_hf(cfg.model)
     # Validate before any process group exists, so a bad layout fails fast with the field's name.
     cfg.validate_for_world(int(os.environ.get("WORLD_SIZE", "1")))
     layout = initialize_parallel(cfg.parallel)
@@ -365,6 +367,15 @@ class _Trainer:
         path = ckpt.save_checkpoint(root, step, self.chunks, self.optimizer, state, keep_last=self.cfg.checkpoint.keep_last)
         if self.is_rank0:
             print(f"\ncheckpoint saved: {path}", flush=True)
+
+
+def model_from_hf(model: ModelConfig) -> ModelConfig:
+    """The shape of ``model.from_hf`` (an HF folder or converted checkpoint), keeping our own knobs."""
+    from mmpo_megatron.convert.checkpoints import read_hf_config
+    from mmpo_megatron.convert.llama import model_config_from_hf
+
+    translated = model_config_from_hf(read_hf_config(model.from_hf), layer_spec=model.layer_spec)
+    return replace(translated, from_hf=model.from_hf, make_vocab_size_divisible_by=model.make_vocab_size_divisible_by)
 
 
 def _memory_gib(device: torch.device) -> float:

@@ -1,0 +1,218 @@
+"""HF checkpoint folder <-> megatron dist checkpoint, one tensor at a time.
+
+Both directions run in one process on CPU (or one GPU) through the parallel runtime: the dist
+checkpoint is layout-free (dist_checkpointing reshards on load), so the trainer and score_pairs
+load it at any TP/PP. Output is written under a temporary name and renamed when complete: a
+failure leaves no half-written output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mmpo_megatron.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
+from mmpo_megatron.convert.llama import (
+    hf_config_from_model,
+    hf_to_megatron,
+    megatron_to_hf,
+    model_config_from_hf,
+    tensor_count,
+)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+HF_CONFIG = "hf_config.json"
+
+
+class ConversionError(RuntimeError):
+    """The input cannot be converted; the message names the file, tensor or field."""
+
+
+def read_hf_config(folder: str | Path) -> dict[str, Any]:
+    """config.json of an HF folder (or hf_config.json of a converted checkpoint)."""
+    folder = Path(folder)
+    for name in ("config.json", HF_CONFIG):
+        if (folder / name).exists():
+            return json.loads((folder / name).read_text())
+    raise ConversionError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
+
+
+def _tensor_reader(folder: Path) -> Callable[[str], torch.Tensor]:
+    """``get(name)`` over the folder's safetensors files, opened lazily, one tensor at a time."""
+    from safetensors import safe_open
+
+    index_file = folder / "model.safetensors.index.json"
+    if index_file.exists():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    elif (folder / "model.safetensors").exists():
+        weight_map = None
+    else:
+        raise ConversionError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    handles: dict[str, Any] = {}
+
+    def handle(file: str):
+        if file not in handles:
+            try:
+                handles[file] = safe_open(str(folder / file), framework="pt")
+            except Exception as exc:
+                raise ConversionError(f"{folder / file}: cannot read safetensors (truncated or corrupt?): {exc}") from exc
+        return handles[file]
+
+    def get(name: str) -> torch.Tensor:
+        file = "model.safetensors" if weight_map is None else weight_map.get(name)
+        if file is None:
+            raise ConversionError(f"{folder}: tensor {name!r} is missing from the checkpoint")
+        h = handle(file)
+        if name not in h.keys():
+            raise ConversionError(f"{folder / file}: tensor {name!r} is missing from the checkpoint")
+        try:
+            return h.get_tensor(name)
+        except Exception as exc:
+            raise ConversionError(f"{folder / file}: cannot read tensor {name!r} (truncated or corrupt?): {exc}") from exc
+
+    return get
+
+
+def _single_process_chunks(model: ModelConfig, dtype: str, vocab_size: int):
+    from mmpo_megatron.model.builder import build_model_chunks
+    from mmpo_megatron.parallel import initialize_parallel
+
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        initialize_parallel(ParallelConfig(device="cpu"))
+    return build_model_chunks(model, ParallelConfig(device="cpu"), PrecisionConfig(dtype=dtype), vocab_size=vocab_size,
+                              device="cpu", initialize=False)
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=os.environ.get("MMPO_NO_PROGRESS") == "1")
+
+
+def convert_hf_to_megatron(
+    hf_dir: str | Path, output: str | Path, *, dtype: str = "bf16", layer_spec: str = "local", tp: int = 1, pp: int = 1
+) -> Path:
+    """Write a megatron dist checkpoint (plus model config and tokenizer) from an HF folder."""
+    from mmpo_megatron.model.builder import padded_vocab_size, unwrap, validate_layout
+    from mmpo_megatron.train.checkpoint import save_to
+
+    hf_dir, output = Path(hf_dir), Path(output)
+    hf = read_hf_config(hf_dir)
+    model = model_config_from_hf(hf, layer_spec=layer_spec)
+    # The checkpoint itself is layout-free; --tp/--pp only check that the model splits that way.
+    validate_layout(model, ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
+    padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
+    get = _tensor_reader(hf_dir)
+    if output.exists():
+        raise ConversionError(f"{output} already exists; choose a new output folder")
+    chunks = _single_process_chunks(model, dtype, model.vocab_size)
+    params = unwrap(chunks[0]).state_dict(keep_vars=True)
+    assigned = set()
+    with torch.no_grad(), _progress(tensor_count(model), "hf -> megatron") as bar:
+        for name, tensor in hf_to_megatron(get, model, padded):
+            if name not in params:
+                raise ConversionError(f"megatron model has no parameter {name!r} (layer spec {layer_spec})")
+            if tuple(params[name].shape) != tuple(tensor.shape):
+                raise ConversionError(f"{name}: HF gives shape {tuple(tensor.shape)}, megatron expects {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+            assigned.add(name)
+            bar.update(1)
+    missing = [n for n in params if n not in assigned and not n.endswith("_extra_state")]
+    if missing:
+        raise ConversionError(f"no HF tensor mapped to megatron parameter(s) {missing}")
+    state = {"model": asdict(model), "vocab_size": model.vocab_size, "source": str(hf_dir.resolve()),
+             "tokenizer": str((output / "tokenizer").resolve()), "dtype": dtype}
+    tmp_root = output.with_name(output.name + ".partial")
+    try:
+        save_to(tmp_root / "weights", chunks, None, state)
+        final_tmp = tmp_root / "weights"
+        (final_tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2))
+        (final_tmp / "tokenizer").mkdir()
+        for name in TOKENIZER_FILES:
+            if (hf_dir / name).exists():
+                shutil.copy2(hf_dir / name, final_tmp / "tokenizer" / name)
+        final_tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    return output
+
+
+def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype: str = "bf16",
+                           model_type: str | None = None, shard_bytes: int = 5 * 2**30) -> Path:
+    """Write safetensors shards, config.json and the tokenizer from a (trainer or converted) checkpoint."""
+    from safetensors.torch import save_file
+
+    from mmpo_megatron.model.builder import unwrap
+    from mmpo_megatron.train.checkpoint import TRAINER_STATE, load_weights, resolve_checkpoint
+
+    path = resolve_checkpoint(checkpoint)
+    state = json.loads((path / TRAINER_STATE).read_text())
+    model = ModelConfig(**{k: v for k, v in state["model"].items()})
+    model.vocab_size = state.get("vocab_size", model.vocab_size)
+    source_hf = json.loads((path / HF_CONFIG).read_text()) if (path / HF_CONFIG).exists() else None
+    model_type = model_type or (source_hf or {}).get("model_type") or ("qwen3" if model.qk_norm else "qwen2" if model.qkv_bias else "llama")
+    output = Path(output)
+    if output.exists():
+        raise ConversionError(f"{output} already exists; choose a new output folder")
+    chunks = _single_process_chunks(model, "fp32", model.vocab_size)
+    load_weights(path, chunks)  # any saved TP/PP layout; optimizer state is not read
+    weights = {k: v for k, v in unwrap(chunks[0]).state_dict().items() if not k.endswith("_extra_state")}
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    tmp = output.with_name(output.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shards, current, size = [], {}, 0
+        with _progress(tensor_count(model), "megatron -> hf") as bar:
+            for name, tensor in megatron_to_hf(weights.__getitem__, model):
+                tensor = tensor.to(torch_dtype).contiguous().clone()
+                if current and size + tensor.numel() * tensor.element_size() > shard_bytes:
+                    shards.append(current)
+                    current, size = {}, 0
+                current[name] = tensor
+                size += tensor.numel() * tensor.element_size()
+                bar.update(1)
+        shards.append(current)
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / file), metadata={"format": "pt"})
+            weight_map.update({name: file for name in shard})
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        config = hf_config_from_model(model, model_type=model_type, torch_dtype="bfloat16" if dtype == "bf16" else "float32")
+        if source_hf:  # keep what we do not model (token ids, names) from the original config
+            config = {**source_hf, **config}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        _write_tokenizer(path, state, tmp)
+        tmp.rename(output)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def _write_tokenizer(checkpoint: Path, state: dict, out: Path) -> None:
+    from mmpo_megatron.data.tokenizer import load_tokenizer
+
+    if (checkpoint / "tokenizer").is_dir() and any((checkpoint / "tokenizer").iterdir()):
+        for f in (checkpoint / "tokenizer").iterdir():
+            shutil.copy2(f, out / f.name)
+        return
+    name = state.get("tokenizer") or "embedded"
+    try:
+        load_tokenizer(name).save_pretrained(str(out))
+    except Exception as exc:  # the weights are the point; say what to copy by hand
+        raise ConversionError(f"could not write the tokenizer {name!r}: {exc}; copy its files into {out}") from exc
+
+

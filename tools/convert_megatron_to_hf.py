@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Export a trainer (or converted) megatron checkpoint, saved at any TP/PP, to a Hugging Face folder:
+safetensors shards + config.json + tokenizer, loadable by transformers.AutoModelForCausalLM (and
+so by lm-evaluation-harness, AlpacaEval or vLLM). Optimizer state is dropped.
+
+    python tools/convert_megatron_to_hf.py --checkpoint outputs/llama1b_mmpo/checkpoints --output hf/llama1b_mmpo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a step folder, a checkpoints folder or a run folder")
+    p.add_argument("--output", required=True, help="new folder for the HF model")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--model-type", choices=["llama", "mistral", "qwen2", "qwen3"],
+                   help="default: the source HF config's, else inferred from the model shape")
+    args = p.parse_args(argv)
+
+    from mmpo_megatron.config import ConfigError
+    from mmpo_megatron.convert import ConversionError, convert_megatron_to_hf
+    from mmpo_megatron.parallel import destroy_parallel
+
+    try:
+        out = convert_megatron_to_hf(args.checkpoint, args.output, dtype=args.dtype, model_type=args.model_type)
+    except (ConfigError, ConversionError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_parallel(destroy_process_group=True)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
