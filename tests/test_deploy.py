@@ -1,0 +1,84 @@
+"""Configs, Dockerfile and Slurm script: everything they name exists and every config composes
+and validates (no docker engine or cluster here, so these are static checks)."""
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+sys.path.insert(0, str(REPO / "examples"))
+
+from train_mmpo import resolve_config  # noqa: E402
+
+TOP_LEVEL = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+GROUP_OPTIONS = sorted((g.name, p.stem) for g in CONFIGS.iterdir() if g.is_dir() for p in g.glob("*.yaml"))
+# Keys a config deliberately leaves to the user (`???`), filled here.
+REQUIRED = {"data.tokenizer": "embedded", "model.from_hf": "unused"}
+
+
+def composed(name, overrides=()):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        cfg = compose(config_name=name, overrides=list(overrides))
+    from omegaconf import OmegaConf
+
+    for key, value in REQUIRED.items():
+        if OmegaConf.select(cfg, key) == "???" or OmegaConf.is_missing(cfg, key):
+            OmegaConf.update(cfg, key, value)
+    return resolve_config(cfg)[0]
+
+
+@pytest.mark.parametrize("name", TOP_LEVEL)
+def test_top_level_configs_compose_and_validate(name):
+    cfg = composed(name)
+    mp = cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
+    # The smallest world with whole data-parallel replicas that split the global batch.
+    world = next(w for w in range(mp, 64 * mp + 1, mp) if cfg.train.global_batch_size % (cfg.train.micro_batch_size * (w // mp)) == 0)
+    cfg.validate_for_world(world)
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS)
+def test_every_group_option_composes(group, option):
+    cfg = composed("train_mmpo", [f"{group}={option}"])
+    assert cfg is not None
+
+
+def test_llama3_8b_recipe_layout_fits_two_nodes():
+    cfg = composed("llama3_8b_mmpo")
+    assert (cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel) == (4, 2)
+    cfg.validate_for_world(16)
+    assert cfg.model.num_attention_heads % 4 == 0 and cfg.model.query_groups % 4 == 0
+
+
+def test_dockerfile_names_real_paths_and_ngc_conventions():
+    text = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvcr\.io/nvidia/pytorch:\$\{NGC_TAG\}$", text, re.M)
+    assert re.search(r"^ARG NGC_TAG=\d\d\.\d\d-py3$", text, re.M)
+    for source in re.findall(r"^COPY (\S+(?: \S+)*) \S+$", text, re.M):
+        for path in source.split():
+            assert (REPO / path).exists(), f"Dockerfile copies {path}, which does not exist"
+    user = re.findall(r"^USER (\S+)$", text, re.M)
+    assert user and user[-1] not in ("root", "0")
+    assert "--no-deps -e ." in text  # the image's torch / TE are never replaced
+    assert "torch==" not in text and "transformer-engine" not in text
+    cmd = shlex.split(re.search(r"^CMD \[(.*)\]$", text, re.M).group(1).replace(",", " "))
+    assert (REPO / cmd[0]).exists()
+    assert (CONFIGS / f"{cmd[cmd.index('--config-name') + 1]}.yaml").exists()
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
+
+
+def test_sbatch_script_is_valid_bash_and_names_real_paths():
+    script = REPO / "examples/slurm/train_mmpo.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert len(re.findall(r"^#SBATCH --nodes=\d+", text, re.M)) == 1
+    assert "--rdzv-backend c10d" in text and "srun" in text
+    assert (REPO / re.search(r"(examples/\S+\.py)", text).group(1)).exists()
+    for name in re.findall(r"--config-name (\S+)", text):
+        assert (CONFIGS / f"{name}.yaml").exists(), name
