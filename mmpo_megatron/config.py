@@ -266,6 +266,11 @@ class ModelConfig:
     normalization: str = "RMSNorm"
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
+    fused_logprob_chunk: int = 0
+    """When > 0, the output layer and the label log-probs are computed together, this many tokens at
+    a time, with a recomputing backward: the [tokens, vocab] logits (and megatron's fp32 copy of
+    them) never exist. 0 computes full logits. GPU presets use 1024."""
+
     layer_spec: str = "local"
     """local (megatron's own modules), local_sdpa (local with PyTorch SDPA attention: 1.44x faster
     than local on an H100 without TE), or transformer_engine (needed for FP8)."""
@@ -273,6 +278,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads"):
             _require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _require(self.fused_logprob_chunk >= 0, "model.fused_logprob_chunk", f"must be >= 0, got {self.fused_logprob_chunk}")
         _require(self.layer_spec in LAYER_SPECS, "model.layer_spec", f"must be one of {LAYER_SPECS}, got {self.layer_spec!r}")
         _require(
             self.position_embedding in ("rope", "learned_absolute"),

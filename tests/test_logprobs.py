@@ -7,7 +7,7 @@ parallel_state: at TP=t, each TP group holds the same logits split into t vocab 
 import pytest
 import torch
 
-from mmpo_megatron.logprobs import sequence_logprobs, token_logprobs
+from mmpo_megatron.logprobs import output_layer_logprobs, sequence_logprobs, token_logprobs
 from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
 from mmpo_megatron.parallel.testing import run_on_ranks
 
@@ -26,6 +26,14 @@ def make_inputs(seed, dtype):
     labels[1, 7:] = -100  # padding labels are masked, never indexed
     grad_weights = torch.randn(BATCH, generator=g)
     return logits, labels, mask, grad_weights
+
+
+def fused_inputs(seed):
+    g = torch.Generator().manual_seed(seed + 1)
+    hidden = torch.randn(5, 3, 16, generator=g)
+    weight = torch.randn(VOCAB, 16, generator=g) * 0.5
+    labels = torch.randint(0, 90, (5, 3), generator=g)
+    return hidden, weight, labels, torch.randn(5, 3, generator=g)
 
 
 def reference(logits, labels, mask, grad_weights):
@@ -64,6 +72,13 @@ def logprob_layouts(seed):
         out = sequence_logprobs(shard, labels.clamp(max=69), mask, vocab_size=70)
         (out.sum * grad_weights).sum().backward()
         results[(tp, "padded")] = {"sum": out.sum.detach(), "grad_shard": shard.grad, "rank": rank}
+        # The fused, chunked output layer: hidden [5, 3, 16] x weight [96, 16], chunks of 4 tokens.
+        hidden, weight, labels, w = fused_inputs(seed)
+        hidden = hidden.clone().requires_grad_()
+        weight_shard = weight.chunk(size, dim=0)[rank].clone().requires_grad_()
+        logp = output_layer_logprobs(hidden, weight_shard, labels, chunk=4, vocab_size=90)
+        (logp * w).sum().backward()
+        results[(tp, "fused")] = {"logp": logp.detach(), "grad_hidden": hidden.grad, "grad_weight": weight_shard.grad, "rank": rank}
         destroy_parallel()
     return results
 
@@ -71,6 +86,7 @@ def logprob_layouts(seed):
 def test_vocab_parallel_logprobs_match_full_log_softmax():
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     per_rank = run_on_ranks(logprob_layouts, 4, seed)
+    check_fused(per_rank, seed)
     for dtype, rtol, atol in ((torch.float32, 1e-5, 1e-5), (torch.bfloat16, 0.0, 2e-3)):
         logits, labels, mask, grad_weights = make_inputs(seed, dtype)
         ref_sums, ref_grad = reference(logits, labels, mask, grad_weights)
@@ -95,6 +111,20 @@ def test_vocab_parallel_logprobs_match_full_log_softmax():
         for r in (res[(tp, "padded")] for res in per_rank):
             torch.testing.assert_close(r["sum"].double(), ref_sums, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(r["grad_shard"].double(), ref_grad.chunk(tp, dim=-1)[r["rank"]], rtol=1e-5, atol=1e-6)
+
+
+def check_fused(per_rank, seed):
+    hidden, weight, labels, w = fused_inputs(seed)
+    h = hidden.double().requires_grad_()
+    W = weight.double().requires_grad_()
+    logp = torch.log_softmax(h @ W[:90].t(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    (logp * w.double()).sum().backward()
+    grad_weight = torch.cat([W.grad[:90], torch.zeros(VOCAB - 90, 16, dtype=torch.float64)])
+    for tp in (1, 2, 4):
+        for r in (res[(tp, "fused")] for res in per_rank):
+            torch.testing.assert_close(r["logp"].double(), logp.detach(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(r["grad_hidden"].double(), h.grad, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(r["grad_weight"].double(), grad_weight.chunk(tp, dim=0)[r["rank"]], rtol=1e-5, atol=1e-5)
 
 
 def test_single_process_without_parallel_state_matches_reference():

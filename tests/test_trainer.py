@@ -377,3 +377,22 @@ def test_gpu_smoke_125m(tmp_path):
         records = run_on_ranks(train_records, 1, cfg)[0]
         train = [r for r in records if r["split"] == "train"]
         assert len(train) == 3 and all(r["loss"] == r["loss"] for r in train)
+
+
+# ------------------------------------------------------------------------------------------ fused output layer
+
+
+def fused_or_not(root, chunk):
+    cfg = make_config(Path(root) / f"chunk{chunk}", tp=2, steps=2)
+    cfg.model.fused_logprob_chunk = chunk
+    cfg.model.tie_embeddings = True  # the output weight is the embedding: its gradient takes both paths
+    return train_records(cfg)
+
+
+def test_fused_chunked_output_layer_trains_like_full_logits(tmp_path):
+    full = run_on_ranks(fused_or_not, 2, str(tmp_path), 0)[0]
+    fused = run_on_ranks(fused_or_not, 2, str(tmp_path), 5)[0]  # 5-token chunks: many chunks, a remainder
+    assert len(full) == len(fused) == 2
+    for a, b in zip(full, fused):
+        for key in ("loss", "grad_norm", "logps/chosen", "rewards/margins"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (a["step"], key)

@@ -157,9 +157,35 @@ def build_model_chunks(
             rope_scaling_factor=model.rope_scaling_factor,
             vp_stage=vp_stage,
         )
+        if gpt.post_process and model.fused_logprob_chunk > 0:
+            _defer_output_layer(gpt, model.fused_logprob_chunk)
         gpt.to(device)
         chunks.append(Float16Module(config, gpt) if config.bf16 else gpt)
     return chunks
+
+
+def _defer_output_layer(gpt: torch.nn.Module, chunk: int) -> None:
+    """Make the output layer pass hidden states through; the loss applies it fused (logprobs).
+
+    The layer keeps its weight (same checkpoint names), only its forward changes.
+    """
+    import types
+
+    def passthrough(self, hidden_states, weight=None, runtime_gather_output=None, **kwargs):
+        return hidden_states, None
+
+    gpt.output_layer.forward = types.MethodType(passthrough, gpt.output_layer)
+    gpt.fused_logprob_chunk = chunk
+
+
+def fused_output_head(chunk: torch.nn.Module) -> tuple[torch.Tensor, int] | None:
+    """(output weight shard, token chunk) when this chunk's output layer is deferred, else None."""
+    gpt = unwrap(chunk)
+    size = getattr(gpt, "fused_logprob_chunk", 0)
+    if not size:
+        return None
+    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
+    return weight, size
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from mmpo_megatron.config import LossConfig
 from mmpo_megatron.data.batching import PairBatch
-from mmpo_megatron.logprobs import sequence_logprobs
+from mmpo_megatron.logprobs import output_layer_logprobs, sequence_logprobs
+from mmpo_megatron.model.builder import fused_output_head
 from mmpo_megatron.losses import PairLogProbs, preference_loss
 
 MAX_PREFIX = "max/"
@@ -43,15 +44,29 @@ def _forward(model: torch.nn.Module, batch: PairBatch) -> Tensor:
     return model(batch.input_ids, batch.position_ids, None)
 
 
-def pair_logps(logits: Tensor, batch: PairBatch, vocab_size: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(chosen sums, rejected sums, chosen token counts, rejected token counts) from vocab-parallel logits."""
-    seq = sequence_logprobs(logits, batch.labels, batch.loss_mask, vocab_size=vocab_size)
+def pair_logps(
+    output: Tensor, batch: PairBatch, vocab_size: int | None, head: tuple[Tensor, int] | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(chosen sums, rejected sums, chosen token counts, rejected token counts).
+
+    ``output`` is vocab-parallel logits, or hidden states when ``head`` (output weight, chunk)
+    says the output layer is applied here, fused with the log-probs.
+    """
+    if head is None:
+        seq = sequence_logprobs(output, batch.labels, batch.loss_mask, vocab_size=vocab_size)
+        sums, tokens = seq.sum, seq.tokens
+    else:
+        weight, chunk = head
+        mask = batch.loss_mask
+        labels = torch.where(mask, batch.labels, torch.zeros_like(batch.labels))
+        per_token = output_layer_logprobs(output, weight, labels, chunk=chunk, vocab_size=vocab_size)
+        sums, tokens = (per_token * mask).sum(-1), mask.sum(-1)
     pairs = batch.num_pairs
-    return seq.sum[:pairs], seq.sum[pairs:], seq.tokens[:pairs], seq.tokens[pairs:]
+    return sums[:pairs], sums[pairs:], tokens[:pairs], tokens[pairs:]
 
 
-def _loss_func(loss_config: LossConfig, micro: MicroBatch, logits: Tensor):
-    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(logits, micro.batch, micro.vocab_size)
+def _loss_func(loss_config: LossConfig, micro: MicroBatch, head, logits: Tensor):
+    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(logits, micro.batch, micro.vocab_size, head)
     valid = micro.batch.pair_valid
     logps = PairLogProbs(chosen, rejected, chosen_tokens, rejected_tokens, micro.ref_chosen, micro.ref_rejected)
     loss, metrics = preference_loss(loss_config, logps, norm_min=micro.norm_min, norm_max=micro.norm_max)
@@ -68,8 +83,8 @@ def _loss_func(loss_config: LossConfig, micro: MicroBatch, logits: Tensor):
     return loss_sum, valid.sum().to(torch.int), sums
 
 
-def _score_func(store: list, micro: MicroBatch, logits: Tensor):
-    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(logits, micro.batch, micro.vocab_size)
+def _score_func(store: list, micro: MicroBatch, head, logits: Tensor):
+    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(logits, micro.batch, micro.vocab_size, head)
     store.append((micro.batch.index.clone(), chosen.detach(), rejected.detach(), chosen_tokens, rejected_tokens))
     return logits.new_zeros(()), torch.zeros((), dtype=torch.int), {}
 
@@ -77,7 +92,7 @@ def _score_func(store: list, micro: MicroBatch, logits: Tensor):
 def _run_schedule(
     model_chunks: Sequence[torch.nn.Module],
     micro_batches: Sequence[MicroBatch],
-    make_loss: Callable[[MicroBatch], Callable],
+    make_loss: Callable[[MicroBatch, Any], Callable],
     *,
     forward_only: bool,
 ) -> list:
@@ -91,7 +106,7 @@ def _run_schedule(
 
     def forward_step(data_iterator, model):
         micro = next(data_iterator)
-        return _forward(model, micro.batch), make_loss(micro)
+        return _forward(model, micro.batch), make_loss(micro, fused_output_head(model))
 
     # Interleaved schedules want one iterator per virtual stage; each walks the same micro-batches.
     iterators = [iter(micro_batches) for _ in model_chunks]
@@ -110,7 +125,7 @@ def train_microbatches(
     model_chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], loss_config: LossConfig
 ) -> list[dict[str, Tensor]]:
     """Forward and backward of one optimizer step; returns each micro-batch's metric sums (last stage)."""
-    return _run_schedule(model_chunks, micro_batches, lambda m: partial(_loss_func, loss_config, m), forward_only=False)
+    return _run_schedule(model_chunks, micro_batches, lambda m, h: partial(_loss_func, loss_config, m, h), forward_only=False)
 
 
 def score_microbatches(
@@ -120,7 +135,7 @@ def score_microbatches(
     per micro-batch on the last pipeline stage, nothing elsewhere."""
     store: list = []
     with torch.no_grad():
-        _run_schedule(model_chunks, micro_batches, lambda m: partial(_score_func, store, m), forward_only=True)
+        _run_schedule(model_chunks, micro_batches, lambda m, h: partial(_score_func, store, m, h), forward_only=True)
     return store
 
 
