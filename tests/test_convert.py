@@ -224,3 +224,24 @@ def test_bad_inputs_fail_clearly_and_leave_no_output(hf_models, tmp_path):
         assert done.returncode == 2, done.stderr[-2000:]
         assert message in done.stderr, done.stderr[-2000:]
         assert not out.exists() and not any(p.name.startswith(f"out{i}") for p in tmp_path.iterdir())
+
+
+def sharded_export(root):
+    from mmpo_megatron.convert import convert_megatron_to_hf
+
+    convert_megatron_to_hf(Path(root) / "llama3_mcore", Path(root) / "llama3_sharded", dtype="fp32", shard_bytes=20_000)
+
+
+def test_export_in_several_shards_loads_in_transformers(hf_models):
+    from transformers import AutoModelForCausalLM
+
+    root = hf_models["root"]
+    if not (root / "llama3_mcore").exists():
+        run_on_ranks(convert_and_forward, 1, str(root), ["llama3"], hf_models["tokens"])
+    run_on_ranks(sharded_export, 1, str(root))
+    index = json.loads((root / "llama3_sharded" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and all((root / "llama3_sharded" / f).exists() for f in files)
+    model = AutoModelForCausalLM.from_pretrained(root / "llama3_sharded", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(hf_models["tokens"]).logits, hf_models["logits"]["llama3"], rtol=0, atol=0)

@@ -32,20 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layer-spec", default="local", choices=["local", "local_sdpa", "transformer_engine"])
     args = p.parse_args(argv)
 
-    from mmpo_megatron.config import ConfigError
-    from mmpo_megatron.convert import ConversionError, convert_hf_to_megatron
-    from mmpo_megatron.parallel import destroy_parallel
+    from mmpo_megatron.convert import convert_hf_to_megatron, run_cli
 
-    try:
-        out = convert_hf_to_megatron(args.hf_model, args.output, dtype=args.dtype, layer_spec=args.layer_spec,
-                                     tp=args.tp, pp=args.pp)
-    except (ConfigError, ConversionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_parallel(destroy_process_group=True)
-    print(f"wrote {out}")
-    return 0
+    return run_cli(lambda: convert_hf_to_megatron(args.hf_model, args.output, dtype=args.dtype,
+                                                  layer_spec=args.layer_spec, tp=args.tp, pp=args.pp))
 
 
 if __name__ == "__main__":

@@ -25,19 +25,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: the source HF config's, else inferred from the model shape")
     args = p.parse_args(argv)
 
-    from mmpo_megatron.config import ConfigError
-    from mmpo_megatron.convert import ConversionError, convert_megatron_to_hf
-    from mmpo_megatron.parallel import destroy_parallel
+    from mmpo_megatron.convert import convert_megatron_to_hf, run_cli
 
-    try:
-        out = convert_megatron_to_hf(args.checkpoint, args.output, dtype=args.dtype, model_type=args.model_type)
-    except (ConfigError, ConversionError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_parallel(destroy_process_group=True)
-    print(f"wrote {out}")
-    return 0
+    return run_cli(lambda: convert_megatron_to_hf(args.checkpoint, args.output, dtype=args.dtype,
+                                                  model_type=args.model_type))
 
 
 if __name__ == "__main__":

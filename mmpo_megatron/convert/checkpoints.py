@@ -163,7 +163,8 @@ def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype:
     output = Path(output)
     if output.exists():
         raise ConversionError(f"{output} already exists; choose a new output folder")
-    chunks = _single_process_chunks(model, "fp32", model.vocab_size)
+    # Load in the export dtype: one copy of the weights in RAM, plus one shard being written.
+    chunks = _single_process_chunks(model, dtype, model.vocab_size)
     load_weights(path, chunks)  # any saved TP/PP layout; optimizer state is not read
     weights = {k: v for k, v in unwrap(chunks[0]).state_dict().items() if not k.endswith("_extra_state")}
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
@@ -171,25 +172,33 @@ def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        shards, current, size = [], {}, 0
+        # Shards are written as soon as they fill, then renamed to HF's "-of-N" names at the end.
+        written, weight_map, current, size, total = [], {}, {}, 0, 0
+
+        def flush() -> None:
+            file = f"shard-{len(written) + 1:05d}.safetensors"
+            save_file(current, str(tmp / file), metadata={"format": "pt"})
+            weight_map.update({name: file for name in current})
+            written.append(file)
+
         with _progress(tensor_count(model), "megatron -> hf") as bar:
             for name, tensor in megatron_to_hf(weights.__getitem__, model):
                 tensor = tensor.to(torch_dtype).contiguous().clone()
-                if current and size + tensor.numel() * tensor.element_size() > shard_bytes:
-                    shards.append(current)
+                nbytes = tensor.numel() * tensor.element_size()
+                if current and size + nbytes > shard_bytes:
+                    flush()
                     current, size = {}, 0
                 current[name] = tensor
-                size += tensor.numel() * tensor.element_size()
+                size, total = size + nbytes, total + nbytes
                 bar.update(1)
-        shards.append(current)
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / file), metadata={"format": "pt"})
-            weight_map.update({name: file for name in shard})
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
-            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        flush()
+        names = {f: "model.safetensors" if len(written) == 1 else f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+                 for i, f in enumerate(written)}
+        for old, new in names.items():
+            (tmp / old).rename(tmp / new)
+        if len(written) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": {k: names[v] for k, v in weight_map.items()}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         config = hf_config_from_model(model, model_type=model_type, torch_dtype="bfloat16" if dtype == "bf16" else "float32")
         if source_hf:  # keep what we do not model (token ids, names) from the original config
             config = {**source_hf, **config}
@@ -200,6 +209,23 @@ def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+def run_cli(convert: Callable[[], Path]) -> int:
+    """Run a conversion for a command-line tool: exit code 2 with the message on bad input."""
+    import sys
+
+    from mmpo_megatron.parallel import destroy_parallel
+
+    try:
+        out = convert()
+    except (ConfigError, ConversionError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_parallel(destroy_process_group=True)
+    print(f"wrote {out}")
+    return 0
 
 
 def _write_tokenizer(checkpoint: Path, state: dict, out: Path) -> None:

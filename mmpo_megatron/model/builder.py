@@ -61,6 +61,9 @@ def transformer_config(
     if precision.fp8 is not None:
         if model.layer_spec != "transformer_engine":
             raise ConfigError("precision.fp8: FP8 needs model.layer_spec=transformer_engine")
+        if device != "cuda" or torch.cuda.get_device_capability() < (8, 9):
+            found = "no GPU" if device != "cuda" else f"a GPU of compute capability {torch.cuda.get_device_capability()}"
+            raise ConfigError(f"precision.fp8: FP8 GEMMs need an Ada/Hopper/Blackwell GPU (capability >= 8.9); found {found}")
         fp8_kwargs = {"fp8": precision.fp8, "fp8_recipe": precision.fp8_recipe}
     return TransformerConfig(
         num_layers=model.num_layers,

@@ -70,6 +70,7 @@ def score_dataset(
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     slots = eval_microbatches(count, micro_batch_size, dp_rank, dp_size)
     micro = [microbatches_for(pairs, s, pad_id, pad_to_multiple, device, vocab_size) for s in slots]
+    was_training = [chunk.training for chunk in chunks]
     for chunk in chunks:
         chunk.eval()
     results = []
@@ -81,8 +82,8 @@ def score_dataset(
         rounds = tqdm(rounds, desc="scoring", unit="round")
     for start in rounds:
         results.extend(score_microbatches(chunks, micro[start : start + 64]))
-    for chunk in chunks:
-        chunk.train()
+    for chunk, training in zip(chunks, was_training):
+        chunk.train(training)
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
     local = [(idx.cpu(), c.cpu(), r.cpu(), ct.cpu(), rt.cpu()) for idx, c, r, ct, rt in results]
