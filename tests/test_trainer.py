@@ -382,17 +382,25 @@ def test_gpu_smoke_125m(tmp_path):
 # ------------------------------------------------------------------------------------------ fused output layer
 
 
-def fused_or_not(root, chunk):
-    cfg = make_config(Path(root) / f"chunk{chunk}", tp=2, steps=2)
+def fused_or_not(root, chunk, dtype="fp32"):
+    from mmpo_megatron.config import PrecisionConfig
+
+    cfg = make_config(Path(root) / f"chunk{chunk}_{dtype}", tp=2, steps=2)
+    cfg.precision = PrecisionConfig(dtype=dtype)
     cfg.model.fused_logprob_chunk = chunk
     cfg.model.tie_embeddings = True  # the output weight is the embedding: its gradient takes both paths
     return train_records(cfg)
 
 
-def test_fused_chunked_output_layer_trains_like_full_logits(tmp_path):
+def test_fused_chunked_output_layer_and_bf16_train_like_full_fp32_logits(tmp_path):
     full = run_on_ranks(fused_or_not, 2, str(tmp_path), 0)[0]
     fused = run_on_ranks(fused_or_not, 2, str(tmp_path), 5)[0]  # 5-token chunks: many chunks, a remainder
     assert len(full) == len(fused) == 2
     for a, b in zip(full, fused):
         for key in ("loss", "grad_norm", "logps/chosen", "rewards/margins"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (a["step"], key)
+    # The GPU path on CPU: bf16 parameters (Float16Module) with fp32 master weights in the optimizer.
+    bf16 = run_on_ranks(fused_or_not, 2, str(tmp_path), 5, "bf16")[0]
+    for a, b in zip(full, bf16):
+        for key in ("loss", "grad_norm", "logps/chosen"):
+            assert b[key] == pytest.approx(a[key], rel=2e-2), (a["step"], key)
