@@ -178,6 +178,14 @@ class DataConfig:
     on_bad_row: str = "skip"
     """A row with a null/non-string/empty field or no assistant reply: counted skip or fatal error."""
 
+    packing: bool = False
+    """Pack each micro-batch's pairs into rows of up to ``pack_length`` tokens (chosen and rejected
+    of a pair in one row) with block-diagonal causal attention: no compute on padding. On the local
+    specs this uses a dense [rows, 1, L, L] mask; RoPE is relative, so positions need no reset."""
+
+    pack_length: int | None = None
+    """Packed row length; None means 2 x max_length (any pair fits)."""
+
     group_by_length: bool = False
     """Order each global batch's pairs by length before splitting it, so micro-batches pad less."""
 

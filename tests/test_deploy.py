@@ -88,10 +88,10 @@ def test_sbatch_script_is_valid_bash_and_names_real_paths():
 def test_benchmark_runs_and_reports(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, str(REPO / "tools/benchmark.py"), "--model", "tiny", "--device", "cpu",
-                           "--warmup", "1", "--steps", "2", "--pairs", "2", "--realistic", "--max-length", "64",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+                           "--warmup", "1", "--steps", "2", "--pairs", "4", "--realistic", "--max-length", "64",
+                           "--packing", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "real tok/s" in done.stdout
     (result,) = json.loads(out.read_text())["results"]
-    assert result["lengths"] == "realistic" and result["real_tokens_per_s"] > 0
+    assert result["lengths"] == "realistic" and result["packing"] and result["real_tokens_per_s"] > 0
     assert 0 <= result["padding_fraction"] < 1 and result["s_per_step"] > 0

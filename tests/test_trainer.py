@@ -404,3 +404,25 @@ def test_fused_chunked_output_layer_and_bf16_train_like_full_fp32_logits(tmp_pat
     for a, b in zip(full, bf16):
         for key in ("loss", "grad_norm", "logps/chosen"):
             assert b[key] == pytest.approx(a[key], rel=2e-2), (a["step"], key)
+
+
+# ------------------------------------------------------------------------------------------ packing
+
+
+def packed_or_not(root, packing, tp, pp, spec):
+    cfg = make_config(Path(root) / f"pack{int(packing)}_tp{tp}_pp{pp}_{spec}", tp=tp, pp=pp, steps=2)
+    cfg.data.packing = packing
+    cfg.model.layer_spec = spec
+    cfg.train.eval_interval = 2
+    return train_records(cfg)
+
+
+@pytest.mark.parametrize("tp,pp,spec", [(2, 1, "local"), (1, 2, "local_sdpa")])
+def test_packed_training_equals_padded_training(tmp_path, tp, pp, spec):
+    padded = run_on_ranks(packed_or_not, 2, str(tmp_path), False, tp, pp, spec)[0]
+    packed = run_on_ranks(packed_or_not, 2, str(tmp_path), True, tp, pp, spec)[0]
+    assert [r["split"] for r in packed] == ["eval", "train", "train", "eval"]
+    assert packed[1]["padding_fraction"] < padded[1]["padding_fraction"]
+    for a, b in zip(padded, packed):
+        for key in ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected") + (("grad_norm",) if a["split"] == "train" else ()):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (a["split"], a["step"], key)

@@ -37,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lengths", default="256+256", help="comma-separated PROMPT+RESPONSE fixed lengths")
     p.add_argument("--realistic", action="store_true", help="lognormal lengths instead of --lengths")
     p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--packing", action="store_true", help="pack each step's pairs into rows of 2 x --max-length")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -90,9 +91,9 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from mmpo_megatron.config import LossConfig, ParallelConfig, PrecisionConfig
-    from mmpo_megatron.data.batching import collate_pairs
     from mmpo_megatron.model.builder import build_model_chunks, resolve_dtype, unwrap
-    from mmpo_megatron.train.step import MicroBatch, train_microbatches
+    from mmpo_megatron.train.reference import microbatches_for
+    from mmpo_megatron.train.step import train_microbatches
 
     device = layout.device
     precision = PrecisionConfig()
@@ -113,10 +114,10 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(args.warmup + args.steps):
         pairs = synthetic_pairs(pairs_per_step, lengths, args.max_length, vocab, rng)
-        batch = collate_pairs(pairs, pad_id=0, pad_to_multiple=16).to(device)
-        micro = MicroBatch(batch, vocab_size=vocab,
-                           ref_chosen=-torch.rand(pairs_per_step, device=device) * 100,
-                           ref_rejected=-torch.rand(pairs_per_step, device=device) * 100)
+        micro = microbatches_for(pairs, range(pairs_per_step), 0, 16, device, vocab,
+                                 2 * args.max_length if args.packing else None)
+        micro.ref_chosen = -torch.rand(pairs_per_step, device=device) * 100
+        micro.ref_rejected = -torch.rand(pairs_per_step, device=device) * 100
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -128,13 +129,14 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
             torch.cuda.synchronize()
         if step >= args.warmup:
             step_times.append(time.perf_counter() - start)
-            real_tokens += batch.real_tokens()
-            padded_tokens += batch.input_ids.numel()
+            real_tokens += micro.batch.real_tokens()
+            padded_tokens += (micro.packed.input_ids if micro.packed is not None else micro.batch.input_ids).numel()
     total = sum(step_times)
     achieved = 6 * params * real_tokens / total / 1e12
     return {
         "model": model_cfg.name, "layer_spec": model_cfg.layer_spec, "fused_logprob_chunk": model_cfg.fused_logprob_chunk,
         "pairs": pairs_per_step, "lengths": "realistic" if lengths is None else f"{lengths[0]}+{lengths[1]}",
+        "packing": bool(args.packing),
         "params_m": params / 1e6, "s_per_step": statistics.median(step_times), "real_tokens_per_s": real_tokens / total,
         "padded_tokens_per_s": padded_tokens / total, "padding_fraction": 1 - real_tokens / padded_tokens,
         "model_tflops": achieved, "mfu_vs_measured": achieved / ceiling if ceiling else None,

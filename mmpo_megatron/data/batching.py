@@ -212,8 +212,27 @@ class PackedBatch:
     loss_mask: Tensor  # [R, row_length] bool
     position_ids: Tensor  # [R, row_length], restarting at 0 for every sequence
     segment_ids: Tensor  # [R, row_length]: sequence number within the row, -1 for padding
+    sequence_ids: Tensor  # [R, row_length]: index into ``sequences``, -1 for padding
+    sequence_pair: Tensor  # [S]: the pair position of each sequence
+    sequence_is_chosen: Tensor  # [S] bool
     cu_seqlens: list[Tensor]  # per row, [num_sequences + 1] boundaries (THD attention)
     sequences: list[tuple[int, int, str]]  # per sequence in row order: (row, pair position, "chosen"/"rejected")
+
+    def padded_to(self, rows: int, length: int) -> "PackedBatch":
+        """The same packing with empty rows / columns appended (pipeline p2p needs one shape)."""
+        extra_rows, extra_cols = rows - self.input_ids.shape[0], length - self.input_ids.shape[1]
+        if extra_rows < 0 or extra_cols < 0:
+            raise ValueError(f"cannot shrink a packed batch of {tuple(self.input_ids.shape)} to {(rows, length)}")
+        pad = lambda t, v: torch.nn.functional.pad(t, (0, extra_cols, 0, extra_rows), value=v)  # noqa: E731
+        return PackedBatch(pad(self.input_ids, 0), pad(self.labels, 0), pad(self.loss_mask, False),
+                           pad(self.position_ids, 0), pad(self.segment_ids, -1), pad(self.sequence_ids, -1),
+                           self.sequence_pair, self.sequence_is_chosen, self.cu_seqlens, self.sequences)
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        """A copy on ``device`` (cu_seqlens and the sequence list stay where they are)."""
+        tensors = [t.to(device) for t in (self.input_ids, self.labels, self.loss_mask, self.position_ids,
+                                          self.segment_ids, self.sequence_ids, self.sequence_pair, self.sequence_is_chosen)]
+        return PackedBatch(*tensors, self.cu_seqlens, self.sequences)
 
 
 def pack_pairs(pairs: Sequence[Pair], row_length: int) -> list[list[int]]:
@@ -246,6 +265,7 @@ def collate_packed(pairs: Sequence[Pair], bins: Sequence[Sequence[int]], row_len
     loss_mask = torch.zeros((n, row_length), dtype=torch.bool)
     position_ids = torch.zeros((n, row_length), dtype=torch.long)
     segment_ids = torch.full((n, row_length), -1, dtype=torch.long)
+    sequence_ids = torch.full((n, row_length), -1, dtype=torch.long)
     cu_seqlens, sequences = [], []
     for r, members in enumerate(bins):
         offset, bounds, seg = 0, [0], 0
@@ -258,11 +278,17 @@ def collate_packed(pairs: Sequence[Pair], bins: Sequence[Sequence[int]], row_len
                 loss_mask[r, offset:end] = torch.tensor(mask)
                 position_ids[r, offset:end] = torch.arange(len(inputs))
                 segment_ids[r, offset:end] = seg
+                sequence_ids[r, offset:end] = len(sequences)
                 sequences.append((r, pos, side))
                 offset, seg = end, seg + 1
                 bounds.append(offset)
         cu_seqlens.append(torch.tensor(bounds, dtype=torch.int32))
-    return PackedBatch(input_ids, labels, loss_mask, position_ids, segment_ids, cu_seqlens, sequences)
+    return PackedBatch(
+        input_ids, labels, loss_mask, position_ids, segment_ids, sequence_ids,
+        torch.tensor([pos for _, pos, _ in sequences], dtype=torch.long),
+        torch.tensor([side == "chosen" for _, _, side in sequences]),
+        cu_seqlens, sequences,
+    )
 
 
 def packed_causal_mask(segment_ids: Tensor) -> Tensor:
@@ -274,15 +300,11 @@ def packed_causal_mask(segment_ids: Tensor) -> Tensor:
 
 
 def packed_sequence_sums(token_values: Tensor, packed: PackedBatch) -> Tensor:
-    """Per-sequence sums of masked per-token values, in ``packed.sequences`` order."""
-    values = token_values * packed.loss_mask
-    sums = []
-    for r in range(values.size(0)):
-        segs = packed.segment_ids[r]
-        count = int(segs.max().item()) + 1 if (segs >= 0).any() else 0
-        row_sums = torch.zeros(count, dtype=values.dtype).scatter_add(0, segs.clamp(min=0), values[r] * (segs >= 0))
-        sums.append(row_sums)
-    return torch.cat(sums)
+    """Per-sequence sums of masked per-token values, in ``packed.sequences`` order (differentiable)."""
+    ids = packed.sequence_ids.reshape(-1)
+    keep = (ids >= 0) & packed.loss_mask.reshape(-1)
+    sums = token_values.new_zeros(len(packed.sequences))
+    return sums.index_add(0, ids[keep], token_values.reshape(-1)[keep])
 
 
 def packing_report(pairs: Sequence[Pair], bins: Sequence[Sequence[int]], row_length: int) -> dict[str, float]:

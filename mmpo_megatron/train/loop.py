@@ -90,6 +90,7 @@ class _Trainer:
             write_report(report, self.out / "data_report.json")
             print(f"data: {report.summary()}", flush=True)
         self.pad_id = self.tokenizer.pad_token_id
+        self.pack_length = (cfg.data.pack_length or 2 * cfg.data.max_length) if cfg.data.packing else None
 
     def _setup_model(self) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -195,14 +196,15 @@ class _Trainer:
     def _score(self, chunks, pairs, progress: bool = False) -> PairScores | None:
         return score_dataset(
             chunks, pairs, self.cfg.train.micro_batch_size, self.pad_id, self.cfg.data.pad_to_multiple, self.device,
-            self.vocab_size, progress=progress,
+            self.vocab_size, progress=progress, pack_length=self.pack_length,
         )
 
     # ------------------------------------------------------------------------------- one step
     def _prepare_step(self, positions: list[list[int]]):
         cfg = self.cfg
         micro = [
-            microbatches_for(self.train_pairs, p, self.pad_id, cfg.data.pad_to_multiple, self.device, self.vocab_size)
+            microbatches_for(self.train_pairs, p, self.pad_id, cfg.data.pad_to_multiple, self.device, self.vocab_size,
+                             self.pack_length)
             for p in positions
         ]
         if not cfg.loss.needs_reference:

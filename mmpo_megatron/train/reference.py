@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mmpo_megatron.data.batching import collate_pairs, eval_microbatches
+from mmpo_megatron.data.batching import collate_packed, collate_pairs, eval_microbatches, pack_pairs, round_up
 from mmpo_megatron.train.step import MicroBatch, score_microbatches
 
 log = logging.getLogger(__name__)
@@ -52,16 +52,26 @@ class PairScores:
 
 
 def microbatches_for(
-    pairs, positions: Sequence[int | None], pad_id: int, pad_to_multiple: int, device, vocab_size: int
+    pairs, positions: Sequence[int | None], pad_id: int, pad_to_multiple: int, device, vocab_size: int,
+    pack_length: int | None = None,
 ) -> MicroBatch:
-    """A MicroBatch of dataset positions (None = padding pair); ``batch.index`` holds the positions."""
+    """A MicroBatch of dataset positions (None = padding pair, only at the end); ``batch.index``
+    holds the positions. With ``pack_length`` the real pairs are also packed into rows."""
     rows = [None if p is None else {**pairs[int(p)], "index": int(p)} for p in positions]
-    return MicroBatch(collate_pairs(rows, pad_id, pad_to_multiple).to(device), vocab_size=vocab_size)
+    micro = MicroBatch(collate_pairs(rows, pad_id, pad_to_multiple).to(device), vocab_size=vocab_size)
+    if pack_length:
+        real = [r for r in rows if r is not None]
+        bins = pack_pairs(real, pack_length)
+        # Rows only as long as the fullest one needs (rounded for GEMM alignment).
+        used = max(sum(len(real[i]["prompt_ids"]) * 2 + len(real[i]["chosen_ids"]) + len(real[i]["rejected_ids"]) - 2
+                       for i in members) for members in bins)
+        micro.packed = collate_packed(real, bins, round_up(used, pad_to_multiple), pad_id).to(device)
+    return micro
 
 
 def score_dataset(
     chunks: Sequence[torch.nn.Module], pairs, micro_batch_size: int, pad_id: int, pad_to_multiple: int, device,
-    vocab_size: int, *, limit: int | None = None, progress: bool = False,
+    vocab_size: int, *, limit: int | None = None, progress: bool = False, pack_length: int | None = None,
 ) -> PairScores | None:
     """Forward-only scores of every pair (or the first ``limit``); a PairScores on last-stage ranks."""
     from megatron.core import parallel_state as ps
@@ -69,7 +79,7 @@ def score_dataset(
     count = len(pairs) if limit is None else min(limit, len(pairs))
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     slots = eval_microbatches(count, micro_batch_size, dp_rank, dp_size)
-    micro = [microbatches_for(pairs, s, pad_id, pad_to_multiple, device, vocab_size) for s in slots]
+    micro = [microbatches_for(pairs, s, pad_id, pad_to_multiple, device, vocab_size, pack_length) for s in slots]
     was_training = [chunk.training for chunk in chunks]
     for chunk in chunks:
         chunk.eval()

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from mmpo_megatron.config import LossConfig
-from mmpo_megatron.data.batching import PairBatch
-from mmpo_megatron.logprobs import output_layer_logprobs, sequence_logprobs
+from mmpo_megatron.data.batching import PackedBatch, PairBatch, packed_causal_mask, packed_sequence_sums
+from mmpo_megatron.logprobs import output_layer_logprobs, token_logprobs
 from mmpo_megatron.model.builder import fused_output_head
 from mmpo_megatron.losses import PairLogProbs, preference_loss
 
@@ -33,40 +33,55 @@ class MicroBatch:
 
     batch: PairBatch
     vocab_size: int | None = None  # the unpadded vocabulary: padding columns are not tokens
+    packed: PackedBatch | None = None  # the same pairs packed into rows; the forward uses it when set
     ref_chosen: Tensor | None = None  # [B] summed reference log-probs
     ref_rejected: Tensor | None = None
     norm_min: Tensor | None = None  # MMPO normalisation statistics of this micro-batch
     norm_max: Tensor | None = None
 
 
-def _forward(model: torch.nn.Module, batch: PairBatch) -> Tensor:
+def _forward(model: torch.nn.Module, micro: MicroBatch) -> Tensor:
+    if micro.packed is not None:
+        packed = micro.packed
+        return model(packed.input_ids, packed.position_ids, packed_causal_mask(packed.segment_ids))
     # attention_mask=None: causal attention; right padding never leaks into real tokens.
-    return model(batch.input_ids, batch.position_ids, None)
+    return model(micro.batch.input_ids, micro.batch.position_ids, None)
 
 
 def pair_logps(
-    output: Tensor, batch: PairBatch, vocab_size: int | None, head: tuple[Tensor, int] | None = None
+    output: Tensor, micro: MicroBatch, head: tuple[Tensor, int] | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(chosen sums, rejected sums, chosen token counts, rejected token counts).
 
     ``output`` is vocab-parallel logits, or hidden states when ``head`` (output weight, chunk)
-    says the output layer is applied here, fused with the log-probs.
+    says the output layer is applied here, fused with the log-probs. Rows are the padded pairs,
+    or the packed rows when the micro-batch is packed.
     """
+    rows = micro.packed if micro.packed is not None else micro.batch
+    mask = rows.loss_mask
+    labels = torch.where(mask, rows.labels, torch.zeros_like(rows.labels))
     if head is None:
-        seq = sequence_logprobs(output, batch.labels, batch.loss_mask, vocab_size=vocab_size)
-        sums, tokens = seq.sum, seq.tokens
+        per_token = token_logprobs(output, labels, vocab_size=micro.vocab_size)
     else:
         weight, chunk = head
-        mask = batch.loss_mask
-        labels = torch.where(mask, batch.labels, torch.zeros_like(batch.labels))
-        per_token = output_layer_logprobs(output, weight, labels, chunk=chunk, vocab_size=vocab_size)
+        per_token = output_layer_logprobs(output, weight, labels, chunk=chunk, vocab_size=micro.vocab_size)
+    pairs = micro.batch.num_pairs
+    if micro.packed is None:
         sums, tokens = (per_token * mask).sum(-1), mask.sum(-1)
-    pairs = batch.num_pairs
-    return sums[:pairs], sums[pairs:], tokens[:pairs], tokens[pairs:]
+        return sums[:pairs], sums[pairs:], tokens[:pairs], tokens[pairs:]
+    packed = micro.packed
+    sums = packed_sequence_sums(per_token, packed)
+    tokens = packed_sequence_sums(mask.to(per_token.dtype), packed).round().long()
+
+    def by_pair(values: Tensor, chosen: bool) -> Tensor:
+        side = packed.sequence_is_chosen if chosen else ~packed.sequence_is_chosen
+        return values.new_zeros(pairs).index_add(0, packed.sequence_pair[side], values[side])
+
+    return by_pair(sums, True), by_pair(sums, False), by_pair(tokens, True), by_pair(tokens, False)
 
 
 def _loss_func(loss_config: LossConfig, micro: MicroBatch, head, logits: Tensor):
-    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(logits, micro.batch, micro.vocab_size, head)
+    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(logits, micro, head)
     valid = micro.batch.pair_valid
     logps = PairLogProbs(chosen, rejected, chosen_tokens, rejected_tokens, micro.ref_chosen, micro.ref_rejected)
     loss, metrics = preference_loss(loss_config, logps, norm_min=micro.norm_min, norm_max=micro.norm_max)
@@ -77,6 +92,8 @@ def _loss_func(loss_config: LossConfig, micro: MicroBatch, head, logits: Tensor)
         sums["nll/chosen_per_token"] = (-(chosen.detach() / logps.chosen_tokens).double() * valid).sum()
         sums["pairs"] = valid.sum().double()
         sums["tokens"] = torch.tensor(float(micro.batch.real_tokens()), dtype=torch.float64)
+        rows = micro.packed.input_ids if micro.packed is not None else micro.batch.input_ids
+        sums["row_tokens"] = torch.tensor(float(rows.numel()), dtype=torch.float64)
         if micro.ref_chosen is not None:
             diff = torch.cat([(chosen.detach() - micro.ref_chosen).abs()[valid], (rejected.detach() - micro.ref_rejected).abs()[valid]])
             sums[MAX_PREFIX + "policy_ref_logp_diff"] = diff.max().double() if diff.numel() else torch.zeros((), dtype=torch.float64)
@@ -84,7 +101,7 @@ def _loss_func(loss_config: LossConfig, micro: MicroBatch, head, logits: Tensor)
 
 
 def _score_func(store: list, micro: MicroBatch, head, logits: Tensor):
-    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(logits, micro.batch, micro.vocab_size, head)
+    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(logits, micro, head)
     store.append((micro.batch.index.clone(), chosen.detach(), rejected.detach(), chosen_tokens, rejected_tokens))
     return logits.new_zeros(()), torch.zeros((), dtype=torch.int), {}
 
@@ -99,14 +116,19 @@ def _run_schedule(
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    longest = max(int(m.batch.input_ids.shape[1]) for m in micro_batches)
+    packed = micro_batches[0].packed is not None
+    longest = max(int((m.packed.input_ids if packed else m.batch.input_ids).shape[1]) for m in micro_batches)
+    num_rows = max(int((m.packed.input_ids if packed else m.batch.input_ids).shape[0]) for m in micro_batches)
     if ps.get_pipeline_model_parallel_world_size() > 1:
         # p2p buffers have one shape per schedule call.
-        micro_batches = [replace(m, batch=m.batch.padded_to(longest)) for m in micro_batches]
+        if packed:
+            micro_batches = [replace(m, packed=m.packed.padded_to(num_rows, longest)) for m in micro_batches]
+        else:
+            micro_batches = [replace(m, batch=m.batch.padded_to(longest)) for m in micro_batches]
 
     def forward_step(data_iterator, model):
         micro = next(data_iterator)
-        return _forward(model, micro.batch), make_loss(micro, fused_output_head(model))
+        return _forward(model, micro), make_loss(micro, fused_output_head(model))
 
     # Interleaved schedules want one iterator per virtual stage; each walks the same micro-batches.
     iterators = [iter(micro_batches) for _ in model_chunks]
@@ -116,7 +138,7 @@ def _run_schedule(
         model=list(model_chunks) if len(model_chunks) > 1 else model_chunks[0],
         num_microbatches=len(micro_batches),
         seq_length=longest,
-        micro_batch_size=2 * micro_batches[0].batch.num_pairs,
+        micro_batch_size=num_rows,
         forward_only=forward_only,
     )
 
@@ -157,8 +179,12 @@ def reduce_step_metrics(per_micro: Sequence[dict[str, Tensor]], group: Any | Non
             dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
     totals = dict(zip(sum_names, sums.tolist()))
     pairs = max(totals["pairs"], 1.0)
-    out = {n: v / pairs for n, v in totals.items() if n not in ("pairs", "tokens")}
+    counts = ("pairs", "tokens", "row_tokens")
+    out = {n: v / pairs for n, v in totals.items() if n not in counts}
     out["pairs"], out["tokens"] = totals["pairs"], totals["tokens"]
+    if totals.get("row_tokens"):
+        # Share of the computed token slots that were padding (packing drives this towards 0).
+        out["padding_fraction"] = 1.0 - totals["tokens"] / totals["row_tokens"]
     if maxes is not None:
         out.update({n[len(MAX_PREFIX):]: v for n, v in zip(max_names, maxes.tolist())})
     return out
