@@ -287,6 +287,9 @@ class _Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             if self.is_rank0:
                 print(f"resumed from {resume_from} (step {step})", flush=True)
+                if step >= self.total_steps:
+                    print(f"nothing to train: this run already reached its {self.total_steps} steps; set a new "
+                          f"train.output_dir, raise train.max_steps, or pass checkpoint.resume=false", flush=True)
         elif cfg.checkpoint.load_weights:
             loaded = ckpt.load_weights(cfg.checkpoint.load_weights, self.chunks)
             if self.is_rank0:
