@@ -384,6 +384,10 @@ def test_inspect_data_cli(tmp_path):
     data = json.loads(report.read_text())
     assert data["pairs_in"] == 2 and data["pairs_kept"] == 1 and data["dropped"] == {"invalid_field": 1}
     assert data["errors"][0]["index"] == 1
+    # The trainer's data.* keys work as overrides: the bad row becomes fatal.
+    done = subprocess.run([sys.executable, str(REPO / "tools/inspect_data.py"), "--data", path, "data.on_bad_row=error",
+                           "data.max_length=64", "data.max_prompt_length=32"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "row 1" in done.stderr and "on_bad_row=error" in done.stderr, done.stderr[-1000:]
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json}\n")
     done = subprocess.run([sys.executable, str(REPO / "tools/inspect_data.py"), "--data", str(broken)],

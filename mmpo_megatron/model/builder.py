@@ -160,6 +160,8 @@ def build_model_chunks(
             rope_scaling_factor=model.rope_scaling_factor,
             vp_stage=vp_stage,
         )
+        # How packed rows are masked: a flex_attention block mask where our SDPA module runs.
+        gpt.packed_attention = "flex" if model.layer_spec == "local_sdpa" else "dense"
         if gpt.post_process and model.fused_logprob_chunk > 0:
             _defer_output_layer(gpt, model.fused_logprob_chunk)
         gpt.to(device)
@@ -189,6 +191,19 @@ def fused_output_head(chunk: torch.nn.Module) -> tuple[torch.Tensor, int] | None
         return None
     weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
     return weight, size
+
+
+def packed_attention_mask(chunk: torch.nn.Module, segment_ids: torch.Tensor):
+    """The attention mask this chunk's layer spec wants for packed rows (block mask or dense)."""
+    from mmpo_megatron.data.batching import packed_causal_mask
+
+    # FlexAttention has no CPU backward: CPU training uses the dense mask, CPU scoring uses flex.
+    flex_ok = segment_ids.is_cuda or not torch.is_grad_enabled()
+    if getattr(unwrap(chunk), "packed_attention", "dense") == "flex" and flex_ok:
+        from mmpo_megatron.model.sdpa_attention import packed_block_mask
+
+        return packed_block_mask(segment_ids)
+    return packed_causal_mask(segment_ids)
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:

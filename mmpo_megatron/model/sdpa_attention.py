@@ -10,10 +10,34 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+_compiled_flex = None
+
+
+def _flex(device_type: str):
+    # flex_attention is only fast compiled (GPU); eager is a correct reference (CPU tests).
+    global _compiled_flex
+    if device_type != "cuda":
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+    return _compiled_flex
+
+
+def packed_block_mask(segment_ids: torch.Tensor) -> BlockMask:
+    """flex_attention block mask for packed rows: causal within a sequence, nothing across or on padding."""
+    rows, length = segment_ids.shape
+
+    def same_sequence_causal(b, h, q, k):
+        return (segment_ids[b, q] == segment_ids[b, k]) & (q >= k) & (segment_ids[b, q] >= 0)
+
+    return create_block_mask(same_sequence_causal, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=segment_ids.device)
 
 
 class SDPAttention(DotProductAttention):
@@ -25,12 +49,15 @@ class SDPAttention(DotProductAttention):
             raise NotImplementedError("SDPAttention supports neither packed sequences nor attention bias; use TE")
         seq, batch = query.size(0), query.size(1)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+        gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
+        if isinstance(attention_mask, BlockMask):  # packed rows: only the blocks that attend are computed
+            context = _flex(q.device.type)(q, k, v, block_mask=attention_mask, scale=self.softmax_scale, enable_gqa=gqa)
+            return context.permute(2, 0, 1, 3).reshape(seq, batch, self.hidden_size_per_partition)
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         # megatron masks are True where attention is *not* allowed; SDPA's are True where it is.
         mask = None if attention_mask is None else ~attention_mask
         is_causal = mask is None and mask_type == AttnMaskType.causal and seq > 1
         dropout = self.attention_dropout.p if self.training else 0.0
-        gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
             context = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.softmax_scale, enable_gqa=gqa

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from mmpo_megatron.config import LossConfig
-from mmpo_megatron.data.batching import PackedBatch, PairBatch, packed_causal_mask, packed_sequence_sums
+from mmpo_megatron.data.batching import PackedBatch, PairBatch, packed_sequence_sums
 from mmpo_megatron.logprobs import output_layer_logprobs, token_logprobs
-from mmpo_megatron.model.builder import fused_output_head
+from mmpo_megatron.model.builder import fused_output_head, packed_attention_mask
 from mmpo_megatron.losses import PairLogProbs, preference_loss
 
 MAX_PREFIX = "max/"
@@ -43,7 +43,7 @@ class MicroBatch:
 def _forward(model: torch.nn.Module, micro: MicroBatch) -> Tensor:
     if micro.packed is not None:
         packed = micro.packed
-        return model(packed.input_ids, packed.position_ids, packed_causal_mask(packed.segment_ids))
+        return model(packed.input_ids, packed.position_ids, packed_attention_mask(model, packed.segment_ids))
     # attention_mask=None: causal attention; right padding never leaks into real tokens.
     return model(micro.batch.input_ids, micro.batch.position_ids, None)
 
