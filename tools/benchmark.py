@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--realistic", action="store_true", help="lognormal lengths instead of --lengths")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--packing", action="store_true", help="pack each step's pairs into rows of 2 x --max-length")
+    p.add_argument("--vs-trl", action="store_true",
+                   help="also run TRL's DPOTrainer (online reference) on the same model shape, batch and data")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -66,20 +68,34 @@ def matmul_ceiling_tflops(device, size: int = 8192, repeats: int = 10) -> float 
     return 2 * size**3 / statistics.median(times) / 1e12
 
 
-def synthetic_pairs(count: int, lengths: tuple[int, int] | None, max_length: int, vocab: int, rng) -> list[dict]:
-    """Pairs of random token ids: fixed (prompt, response) lengths, or UltraFeedback-like lognormal ones."""
-    pairs = []
+def sample_lengths(lengths: tuple[int, int] | None, max_length: int, rng) -> tuple[int, int, int]:
+    """(prompt, chosen, rejected) token lengths: fixed, or UltraFeedback-like lognormal ones."""
+    if lengths is not None:
+        return lengths[0], lengths[1], lengths[1]
+    prompt = min(max(1, int(rng.lognormvariate(math.log(160), 0.8))), max_length - 2)
+    chosen, rejected = (max(1, int(rng.lognormvariate(math.log(280), 0.6))) for _ in range(2))
+    return prompt, min(chosen, max_length - prompt), min(rejected, max_length - prompt)
+
+
+def text_pairs(count: int, lengths: tuple[int, int] | None, max_length: int, rng) -> list[dict]:
+    """Pairs of random alphanumeric text: one token per character under the embedded byte tokenizer,
+    so our trainer and TRL see the same tokens. The prompt's BOS and the completions' EOS are
+    counted in the lengths."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    text = lambda n: "".join(rng.choice(alphabet) for _ in range(max(1, n)))  # noqa: E731
+    out = []
     for _ in range(count):
-        if lengths is None:
-            prompt = min(max(1, int(rng.lognormvariate(math.log(160), 0.8))), max_length - 2)
-            chosen, rejected = (max(1, int(rng.lognormvariate(math.log(280), 0.6))) for _ in range(2))
-            chosen, rejected = min(chosen, max_length - prompt), min(rejected, max_length - prompt)
-        else:
-            prompt, chosen = lengths
-            rejected = chosen
-        draw = lambda n: [rng.randrange(3, vocab) for _ in range(n)]  # noqa: E731
-        pairs.append({"prompt_ids": draw(prompt), "chosen_ids": draw(chosen), "rejected_ids": draw(rejected)})
-    return pairs
+        prompt, chosen, rejected = sample_lengths(lengths, max_length, rng)
+        out.append({"prompt": text(prompt - 1), "chosen": text(chosen - 1), "rejected": text(rejected - 1)})
+    return out
+
+
+def tokenised(pairs: list[dict], tokenizer) -> list[dict]:
+    """Our data pipeline's view of text pairs (prompt with BOS, completions with EOS)."""
+    eos = [tokenizer.eos_token_id]
+    return [{"prompt_ids": tokenizer(p["prompt"])["input_ids"],
+             "chosen_ids": tokenizer(p["chosen"], add_special_tokens=False)["input_ids"] + eos,
+             "rejected_ids": tokenizer(p["rejected"], add_special_tokens=False)["input_ids"] + eos} for p in pairs]
 
 
 def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -> dict:
@@ -107,13 +123,16 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
         OptimizerConfig(optimizer="adam", lr=1e-6, bf16=dtype == torch.bfloat16, params_dtype=dtype, clip_grad=1.0,
                         use_distributed_optimizer=True), ddp)
     params = sum(p.numel() for p in unwrap(chunks[0]).parameters())
+    from mmpo_megatron.data.tokenizer import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
     rng = random.Random(args.seed)
     loss = LossConfig()
     step_times, real_tokens, padded_tokens = [], 0, 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(args.warmup + args.steps):
-        pairs = synthetic_pairs(pairs_per_step, lengths, args.max_length, vocab, rng)
+        pairs = tokenised(text_pairs(pairs_per_step, lengths, args.max_length, rng), tokenizer)
         micro = microbatches_for(pairs, range(pairs_per_step), 0, 16, device, vocab,
                                  2 * args.max_length if args.packing else None)
         micro.ref_chosen = -torch.rand(pairs_per_step, device=device) * 100
@@ -144,6 +163,77 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
     }
 
 
+def run_trl(model_cfg, pairs_per_step: int, lengths, args, device, ceiling) -> dict:
+    """TRL's DPOTrainer (online reference model, TRL defaults otherwise) on the same shape and data."""
+    import copy
+    import random
+    import tempfile
+
+    import datasets
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
+
+    try:
+        from trl import DPOConfig, DPOTrainer
+    except ImportError as exc:
+        raise RuntimeError("--vs-trl needs TRL: pip install trl") from exc
+
+    from mmpo_megatron.convert.llama import hf_config_from_model
+    from mmpo_megatron.data.tokenizer import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    hf = hf_config_from_model(model_cfg)
+    hf["vocab_size"] = model_cfg.vocab_size or 32000
+    config = AutoConfig.for_model(**hf)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).to(device)
+    total_steps = args.warmup + args.steps
+    rng = random.Random(args.seed)
+    rows = text_pairs(pairs_per_step * total_steps, lengths, args.max_length, rng)
+    real_per_step = sum(len(p["prompt_ids"]) * 2 + len(p["chosen_ids"]) + len(p["rejected_ids"])
+                        for p in tokenised(rows, tokenizer)) / total_steps
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.start = [], 0.0
+
+        def on_step_begin(self, *a, **k):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as out:
+        trainer = DPOTrainer(
+            model=model, ref_model=copy.deepcopy(model),
+            args=DPOConfig(output_dir=out, per_device_train_batch_size=pairs_per_step, max_steps=total_steps,
+                           learning_rate=1e-6, beta=0.1, bf16=dtype == torch.bfloat16, max_length=2 * args.max_length,
+                           gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=10**6,
+                           use_cpu=device.type != "cuda", dataloader_num_workers=0, seed=args.seed),
+            train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer, callbacks=[timer],
+        )
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        trainer.train()
+    timed = timer.times[args.warmup:]
+    params = sum(p.numel() for p in model.parameters())
+    achieved = 6 * params * real_per_step * len(timed) / sum(timed) / 1e12
+    return {
+        "model": model_cfg.name, "layer_spec": "trl", "fused_logprob_chunk": None, "pairs": pairs_per_step,
+        "lengths": "realistic" if lengths is None else f"{lengths[0]}+{lengths[1]}", "packing": False,
+        "params_m": params / 1e6, "s_per_step": statistics.median(timed), "real_tokens_per_s": real_per_step * len(timed) / sum(timed),
+        "padded_tokens_per_s": None, "padding_fraction": None, "model_tflops": achieved,
+        "mfu_vs_measured": achieved / ceiling if ceiling else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+
+
 def main(argv=None) -> int:
     """Run every configuration; print a table; write JSON."""
     from omegaconf import OmegaConf
@@ -166,8 +256,15 @@ def main(argv=None) -> int:
     try:
         ceiling = matmul_ceiling_tflops(layout.device)
         lengths = [None] if args.realistic else [tuple(int(x) for x in item.split("+")) for item in args.lengths.split(",")]
-        results = [run_config(model_cfg, int(p), length, args, layout, ceiling)
-                   for p in args.pairs.split(",") for length in lengths]
+        results = []
+        for p in args.pairs.split(","):
+            for length in lengths:
+                ours = run_config(model_cfg, int(p), length, args, layout, ceiling)
+                results.append(ours)
+                if args.vs_trl:
+                    trl = run_trl(model_cfg, int(p), length, args, layout.device, ceiling)
+                    trl["ours_over_trl"] = ours["real_tokens_per_s"] / trl["real_tokens_per_s"]
+                    results.append(trl)
     finally:
         destroy_parallel(destroy_process_group=True)
     header = f"{'model':<14}{'spec':<12}{'pairs':>6}{'lengths':>10}{'s/step':>9}{'real tok/s':>12}{'pad %':>7}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>9}"
@@ -176,8 +273,10 @@ def main(argv=None) -> int:
     for r in results:
         mfu = f"{100 * r['mfu_vs_measured']:.1f}%" if r["mfu_vs_measured"] else "n/a"
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
+        pad = f"{100 * r['padding_fraction']:>6.1f}%" if r["padding_fraction"] is not None else f"{'n/a':>7}"
         print(f"{r['model']:<14}{r['layer_spec']:<12}{r['pairs']:>6}{r['lengths']:>10}{r['s_per_step']:>9.3f}"
-              f"{r['real_tokens_per_s']:>12.0f}{100 * r['padding_fraction']:>6.1f}%{r['model_tflops']:>9.2f}{mfu:>7}{mem:>9}")
+              f"{r['real_tokens_per_s']:>12.0f}{pad}{r['model_tflops']:>9.2f}{mfu:>7}{mem:>9}"
+              + (f"   ours / TRL = {r['ours_over_trl']:.2f}x" if "ours_over_trl" in r else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": str(layout.device), "matmul_tflops": ceiling, "results": results}, indent=2))
     return 0
