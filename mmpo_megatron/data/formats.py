@@ -27,7 +27,6 @@ BAD_ROW_REASONS = ("invalid_field", "empty_prompt", "empty_completion", "no_assi
 """Drop reasons that mean the row itself is malformed (``data.on_bad_row`` decides: skip or fail).
 ``prompt_too_long`` is not among them: it is a limit, not an error."""
 
-NORMALISED_COLUMNS = ("prompt", "prompt_messages", "chosen", "rejected", "drop_reason", "error")
 
 
 class DataError(ValueError):

@@ -121,22 +121,55 @@ def normalisation_stats(
     )
 
 
+MAX_PREFIX = "max/"
+"""Metrics whose name starts with this are reduced by MAX over the global batch (else mean)."""
+
+
 def global_metric_means(
     metrics: Sequence[Mapping[str, Tensor]],
     valid: Sequence[Tensor],
     group: dist.ProcessGroup | None = None,
 ) -> dict[str, float]:
-    """Mean over all valid pairs of the global batch of each per-pair metric (one collective)."""
+    """Mean over all valid pairs of the global batch of each per-pair metric."""
     if not metrics:
         return {}
     group = group if group is not None else data_parallel_group()
-    names = sorted(metrics[0])
-    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=valid[0].device)
+    sums = []
     for per_pair, mask in zip(metrics, valid):
         mask = mask.bool()
-        for i, name in enumerate(names):
-            sums[i] += per_pair[name].detach().to(torch.float64)[mask].sum()
-        sums[-1] += mask.sum()
-    _all_reduce(sums, dist.ReduceOp.SUM, group)
-    count = max(sums[-1].item(), 1.0)
-    return {name: sums[i].item() / count for i, name in enumerate(names)}
+        micro = {name: value.detach().to(torch.float64)[mask].sum() for name, value in per_pair.items()}
+        micro["pairs"] = mask.sum().to(torch.float64)
+        sums.append(micro)
+    out = reduce_metric_sums(sums, group)
+    out.pop("pairs")
+    return out
+
+
+def reduce_metric_sums(
+    per_micro: Sequence[Mapping[str, Tensor]], group: dist.ProcessGroup | None
+) -> dict[str, float]:
+    """Global-batch metrics from per-micro-batch sums (with a ``pairs`` count): means over valid
+    pairs, maxima for ``max/`` keys; one SUM and one MAX all-reduce over the DP group."""
+    if not per_micro:
+        return {}
+    names = sorted(per_micro[0])
+    sum_names = [n for n in names if not n.startswith(MAX_PREFIX)]
+    max_names = [n for n in names if n.startswith(MAX_PREFIX)]
+    device = per_micro[0]["pairs"].device
+    sums = torch.stack([sum(m[n].to(device) for m in per_micro) for n in sum_names]).double()
+    maxes = torch.stack([max(m[n].to(device) for m in per_micro) for n in max_names]).double() if max_names else None
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(sums, group=group)
+        if maxes is not None:
+            dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+    totals = dict(zip(sum_names, sums.tolist()))
+    pairs = max(totals["pairs"], 1.0)
+    counts = ("pairs", "tokens", "row_tokens")
+    out = {n: v / pairs for n, v in totals.items() if n not in counts}
+    out.update({n: totals[n] for n in ("pairs", "tokens") if n in totals})
+    if totals.get("row_tokens"):
+        # Share of the computed token slots that were padding (packing drives this towards 0).
+        out["padding_fraction"] = 1.0 - totals["tokens"] / totals["row_tokens"]
+    if maxes is not None:
+        out.update({n[len(MAX_PREFIX):]: v for n, v in zip(max_names, maxes.tolist())})
+    return out

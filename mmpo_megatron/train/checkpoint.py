@@ -153,7 +153,7 @@ def load_checkpoint(path: str | Path, chunks: Sequence[torch.nn.Module], optimiz
 
     path = Path(path)
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
-    same_layout = trainer_state.get("layout") == _current_layout()
+    same_layout = trainer_state.get("layout") == layout_state()
     state = _model_state(chunks)
     if optimizer is not None and same_layout:
         _prepare_optimizer_for_load(optimizer)
@@ -168,7 +168,7 @@ def load_checkpoint(path: str | Path, chunks: Sequence[torch.nn.Module], optimiz
         else:
             log.warning(
                 "checkpoint %s was saved with layout %s, this run is %s: weights resharded, optimizer state restarts",
-                path, trainer_state.get("layout"), _current_layout(),
+                path, trainer_state.get("layout"), layout_state(),
             )
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if same_layout and rng_file.exists():
@@ -176,7 +176,8 @@ def load_checkpoint(path: str | Path, chunks: Sequence[torch.nn.Module], optimiz
     return trainer_state
 
 
-def _current_layout() -> dict[str, int]:
+def layout_state() -> dict[str, int]:
+    """The parallel layout as stored in trainer_state.json."""
     from megatron.core import parallel_state as ps
 
     return {
@@ -185,11 +186,6 @@ def _current_layout() -> dict[str, int]:
         "data_parallel": ps.get_data_parallel_world_size(),
         "virtual_pipeline": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
     }
-
-
-def layout_state() -> dict[str, int]:
-    """The parallel layout as stored in trainer_state.json."""
-    return _current_layout()
 
 
 def _inner_optimizers(optimizer) -> list:

@@ -25,11 +25,11 @@ from mmpo_megatron.data.tokenizer import load_tokenizer
 from mmpo_megatron.losses import PairLogProbs, preference_loss, prior_rewards
 from mmpo_megatron.model.builder import build_model_chunks, resolve_dtype, unwrap
 from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
-from mmpo_megatron.parallel.batch_stats import normalisation_stats
+from mmpo_megatron.parallel.batch_stats import normalisation_stats, reduce_metric_sums
 from mmpo_megatron.train import checkpoint as ckpt
 from mmpo_megatron.train.logger import MetricsLogger
 from mmpo_megatron.train.reference import PairScores, cached_scores, fingerprint, microbatches_for, score_dataset
-from mmpo_megatron.train.step import reduce_step_metrics, score_microbatches, train_microbatches
+from mmpo_megatron.train.step import score_microbatches, train_microbatches
 
 log = logging.getLogger("mmpo_megatron")
 
@@ -316,7 +316,7 @@ class _Trainer:
                     chunk.zero_grad_buffer()
                 self.optimizer.zero_grad()
                 per_micro = train_microbatches(self.chunks, micro, cfg.loss)
-                metrics = self._from_last_stage(reduce_step_metrics(per_micro, self.dp_group) if self.last_stage else None)
+                metrics = self._from_last_stage(reduce_metric_sums(per_micro, self.dp_group) if self.last_stage else None)
                 consumed += cfg.train.global_batch_size
                 step += 1
                 if self._grads_finite(metrics.get("loss")):

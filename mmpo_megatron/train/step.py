@@ -22,9 +22,8 @@ from mmpo_megatron.data.batching import PackedBatch, PairBatch, packed_sequence_
 from mmpo_megatron.logprobs import output_layer_logprobs, token_logprobs
 from mmpo_megatron.model.builder import fused_output_head, packed_attention_mask
 from mmpo_megatron.losses import PairLogProbs, preference_loss
+from mmpo_megatron.parallel.batch_stats import MAX_PREFIX
 
-MAX_PREFIX = "max/"
-"""Metrics whose name starts with this are reduced by MAX over the global batch (else mean)."""
 
 
 @dataclass
@@ -159,32 +158,3 @@ def score_microbatches(
     with torch.no_grad():
         _run_schedule(model_chunks, micro_batches, lambda m, h: partial(_score_func, store, m, h), forward_only=True)
     return store
-
-
-def reduce_step_metrics(per_micro: Sequence[dict[str, Tensor]], group: Any | None) -> dict[str, float]:
-    """Global-batch metrics from micro-batch sums: means over valid pairs, maxima for ``max/`` keys."""
-    import torch.distributed as dist
-
-    if not per_micro:
-        return {}
-    names = sorted(per_micro[0])
-    sum_names = [n for n in names if not n.startswith(MAX_PREFIX)]
-    max_names = [n for n in names if n.startswith(MAX_PREFIX)]
-    device = per_micro[0]["pairs"].device
-    sums = torch.stack([sum(m[n].to(device) for m in per_micro) for n in sum_names]).double()
-    maxes = torch.stack([max(m[n].to(device) for m in per_micro) for n in max_names]).double() if max_names else None
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(sums, group=group)
-        if maxes is not None:
-            dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
-    totals = dict(zip(sum_names, sums.tolist()))
-    pairs = max(totals["pairs"], 1.0)
-    counts = ("pairs", "tokens", "row_tokens")
-    out = {n: v / pairs for n, v in totals.items() if n not in counts}
-    out["pairs"], out["tokens"] = totals["pairs"], totals["tokens"]
-    if totals.get("row_tokens"):
-        # Share of the computed token slots that were padding (packing drives this towards 0).
-        out["padding_fraction"] = 1.0 - totals["tokens"] / totals["row_tokens"]
-    if maxes is not None:
-        out.update({n[len(MAX_PREFIX):]: v for n, v in zip(max_names, maxes.tolist())})
-    return out
