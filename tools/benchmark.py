@@ -179,6 +179,7 @@ def run_trl(model_cfg, pairs_per_step: int, lengths, args, device, ceiling) -> d
         raise RuntimeError("--vs-trl needs TRL: pip install trl") from exc
 
     from mmpo_megatron.convert.llama import hf_config_from_model
+    from mmpo_megatron.data.batching import pair_tokens
     from mmpo_megatron.data.tokenizer import build_byte_tokenizer
 
     tokenizer = build_byte_tokenizer()
@@ -191,8 +192,8 @@ def run_trl(model_cfg, pairs_per_step: int, lengths, args, device, ceiling) -> d
     total_steps = args.warmup + args.steps
     rng = random.Random(args.seed)
     rows = text_pairs(pairs_per_step * total_steps, lengths, args.max_length, rng)
-    real_per_step = sum(len(p["prompt_ids"]) * 2 + len(p["chosen_ids"]) + len(p["rejected_ids"])
-                        for p in tokenised(rows, tokenizer)) / total_steps
+    # Counted exactly as our side counts them (PairBatch.real_tokens), so the ratio is like for like.
+    real_per_step = sum(pair_tokens(p) for p in tokenised(rows, tokenizer)) / total_steps
 
     class StepTimer(TrainerCallback):
         def __init__(self):

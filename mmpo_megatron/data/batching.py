@@ -17,6 +17,11 @@ from torch import Tensor
 Pair = Mapping[str, Sequence[int]]
 
 
+def pair_tokens(pair: Pair) -> int:
+    """Tokens a pair's two rows feed the model (each row is its sequence minus the last token)."""
+    return len(pair["prompt_ids"]) * 2 + len(pair["chosen_ids"]) + len(pair["rejected_ids"]) - 2
+
+
 def round_up(value: int, multiple: int) -> int:
     """Smallest multiple of ``multiple`` that is >= ``value``."""
     return -(-value // multiple) * multiple
@@ -239,7 +244,7 @@ def pack_pairs(pairs: Sequence[Pair], row_length: int) -> list[list[int]]:
     """First-fit-decreasing bins of pair positions whose chosen+rejected rows fit ``row_length``."""
     sizes = []
     for i, p in enumerate(pairs):
-        size = len(p["prompt_ids"]) * 2 + len(p["chosen_ids"]) + len(p["rejected_ids"]) - 2
+        size = pair_tokens(p)
         if size > row_length:
             raise ValueError(f"pair {i} needs {size} tokens, more than the packed row length {row_length}")
         sizes.append(size)
@@ -309,7 +314,7 @@ def packed_sequence_sums(token_values: Tensor, packed: PackedBatch) -> Tensor:
 
 def packing_report(pairs: Sequence[Pair], bins: Sequence[Sequence[int]], row_length: int) -> dict[str, float]:
     """Rows, sequences and fill ratio (real tokens / row capacity) of a packing."""
-    tokens = sum(len(p["prompt_ids"]) * 2 + len(p["chosen_ids"]) + len(p["rejected_ids"]) - 2 for p in pairs)
+    tokens = sum(pair_tokens(p) for p in pairs)
     return {
         "rows": len(bins),
         "pairs": len(pairs),

@@ -231,10 +231,11 @@ class _Trainer:
     def _prior_rewards(self, m):
         """MMPO prior rewards of a micro-batch, on the log-prob reduction the loss uses."""
         loss = self.cfg.loss
-        chosen, rejected = m.ref_chosen, m.ref_rejected
-        if loss.logp_reduction == "mean":
-            counts = m.batch.loss_mask.sum(-1).clamp(min=1).to(chosen.dtype)
-            chosen, rejected = chosen / counts[: m.batch.num_pairs], rejected / counts[m.batch.num_pairs :]
+        counts = m.batch.loss_mask.sum(-1)
+        pairs = m.batch.num_pairs
+        # The reduction the loss applies (PairLogProbs), so statistics and loss see the same values.
+        ref = PairLogProbs(m.ref_chosen, m.ref_rejected, counts[:pairs], counts[pairs:])
+        chosen, rejected, _, _ = ref.reduced(loss.logp_reduction)
         return prior_rewards(chosen, rejected, beta=loss.beta, eps_chosen=loss.eps_chosen, eps_rejected=loss.eps_rejected)
 
     def _grads_finite(self, loss: float | None) -> bool:

@@ -19,7 +19,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mmpo_megatron.data.batching import collate_packed, collate_pairs, eval_microbatches, pack_pairs, round_up
+from mmpo_megatron.data.batching import (
+    collate_packed,
+    collate_pairs,
+    eval_microbatches,
+    pack_pairs,
+    pair_tokens,
+    round_up,
+)
 from mmpo_megatron.train.step import MicroBatch, score_microbatches
 
 log = logging.getLogger(__name__)
@@ -63,8 +70,7 @@ def microbatches_for(
         real = [r for r in rows if r is not None]
         bins = pack_pairs(real, pack_length)
         # Rows only as long as the fullest one needs (rounded for GEMM alignment).
-        used = max(sum(len(real[i]["prompt_ids"]) * 2 + len(real[i]["chosen_ids"]) + len(real[i]["rejected_ids"]) - 2
-                       for i in members) for members in bins)
+        used = max(sum(pair_tokens(real[i]) for i in members) for members in bins)
         micro.packed = collate_packed(real, bins, round_up(used, pad_to_multiple), pad_id).to(device)
     return micro
 
