@@ -45,8 +45,11 @@ def _label_logprobs_and_lse(
     # At least fp32 whatever the logits' dtype (bf16 sums over a 128k vocab lose digits).
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
     work = logits.detach().to(compute_dtype)
+    # Our own copy (bf16 input, or padding to mask) may be overwritten; the caller's logits never are.
+    owned = work.data_ptr() != logits.data_ptr()
     if valid_columns < shard_size:
-        work = work.clone() if work.data_ptr() == logits.data_ptr() else work
+        work = work if owned else work.clone()
+        owned = True
         work[..., valid_columns:] = float("-inf")
     logits_max = work.amax(dim=-1)
     if world_size > 1:
@@ -58,8 +61,11 @@ def _label_logprobs_and_lse(
     label_logit = work.gather(-1, local_labels.unsqueeze(-1)).squeeze(-1)
     label_logit = torch.where(in_shard, label_logit - logits_max, torch.zeros_like(label_logit))
 
-    sum_exp = torch.exp(work - logits_max.unsqueeze(-1)).sum(dim=-1)
+    # In place where the buffer is ours: one [..., V / tp] fp32 temporary at most, not two.
+    shifted = work.sub_(logits_max.unsqueeze(-1)) if owned else work - logits_max.unsqueeze(-1)
     del work
+    sum_exp = shifted.exp_().sum(dim=-1)
+    del shifted
     if world_size > 1:
         # One collective for both: stack, reduce, split.
         packed = torch.stack([sum_exp, label_logit])
@@ -72,7 +78,8 @@ def _logits_grad(
     logits: Tensor, log_normaliser: Tensor, local_labels: Tensor, in_shard: Tensor, valid_columns: int, grad_output: Tensor
 ) -> Tensor:
     """d sum(g * log p(label)) / d logits on a shard: g * (onehot - softmax); no communication."""
-    grad = torch.exp(logits.to(log_normaliser.dtype) - log_normaliser.unsqueeze(-1))
+    # softmax = exp(logits - logsumexp), built in the one buffer that becomes the gradient.
+    grad = logits.to(log_normaliser.dtype, copy=True).sub_(log_normaliser.unsqueeze(-1)).exp_()
     grad[..., valid_columns:] = 0.0
     grad.mul_(-grad_output.unsqueeze(-1))
     grad.scatter_add_(-1, local_labels.unsqueeze(-1), (grad_output * in_shard).unsqueeze(-1))
@@ -97,10 +104,14 @@ class _VocabParallelLabelLogProbs(torch.autograd.Function):
 
 
 class _ChunkedOutputLayerLogProbs(torch.autograd.Function):
-    """log p(label) of ``hidden @ weight_shard.T`` computed ``chunk`` tokens at a time.
+    """log p(label) of ``hidden @ weight_shard.T`` without ever holding the [tokens, V / tp] logits.
 
-    Neither the forward nor the backward ever holds more than ``[chunk, V / tp]`` logits: the
-    backward recomputes each chunk's logits from the saved hidden states and weight.
+    The forward walks ``chunk`` tokens at a time over the whole vocab shard (each token's
+    logsumexp needs every column). The backward, given those saved logsumexps, walks blocks of
+    vocabulary columns over all tokens instead, with the same [tokens x columns] budget: each
+    block's softmax is recomputed, and its slice of the weight gradient comes from one GEMM over
+    all tokens, rounded once, so no [V / tp, h] fp32 accumulator is needed; the [tokens, h] input
+    gradient is the cheap one to accumulate in fp32.
     """
 
     @staticmethod
@@ -109,10 +120,12 @@ class _ChunkedOutputLayerLogProbs(torch.autograd.Function):
         hidden = hidden.to(weight.dtype)
         logp = torch.empty(labels.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=labels.device)
         lse = torch.empty_like(logp)
+        valid = weight.size(0)
         for start in range(0, labels.numel(), chunk):
             part = slice(start, start + chunk)
             logits = hidden[part] @ weight.t()
             logp[part], lse[part], _, _, valid = _label_logprobs_and_lse(logits, labels[part], group, vocab_size)
+            del logits  # before the next chunk's GEMM allocates
         ctx.group, ctx.vocab_size, ctx.chunk, ctx.valid_columns = group, vocab_size, chunk, valid
         ctx.save_for_backward(hidden, weight, labels, lse)
         return logp
@@ -120,20 +133,24 @@ class _ChunkedOutputLayerLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         hidden, weight, labels, lse = ctx.saved_tensors
-        world_size, rank = _group_size_and_rank(ctx.group)
-        shard_size = weight.size(0)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
-        for start in range(0, labels.numel(), ctx.chunk):
-            part = slice(start, start + ctx.chunk)
-            logits = hidden[part] @ weight.t()
-            local = labels[part] - rank * shard_size
-            in_shard = (local >= 0) & (local < shard_size)
-            local = torch.where(in_shard, local, torch.zeros_like(local))
-            grad_logits = _logits_grad(logits, lse[part], local, in_shard, ctx.valid_columns, grad_output[part])
-            grad_hidden[part] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            grad_weight += grad_logits.t().to(grad_weight.dtype) @ hidden[part].to(grad_weight.dtype)
-        return grad_hidden.to(ctx.input_dtype), grad_weight.to(weight.dtype), None, None, None, None
+        _, rank = _group_size_and_rank(ctx.group)
+        shard_size, tokens = weight.size(0), labels.numel()
+        local_labels = labels - rank * shard_size
+        block = max(1, min(shard_size, ctx.chunk * shard_size // max(tokens, 1)))
+        grad_hidden = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device)
+        grad_weight = torch.empty_like(weight)
+        for first in range(0, shard_size, block):
+            columns = slice(first, min(first + block, shard_size))
+            in_block = (local_labels >= columns.start) & (local_labels < columns.stop)
+            block_labels = torch.where(in_block, local_labels - first, torch.zeros_like(local_labels))
+            logits = hidden @ weight[columns].t()
+            grad_logits = _logits_grad(logits, lse, block_labels, in_block, max(0, ctx.valid_columns - first), grad_output)
+            del logits
+            grad_logits = grad_logits.to(weight.dtype)  # GEMMs in the weight's dtype, as megatron's linear backward
+            grad_weight[columns] = grad_logits.t() @ hidden
+            grad_hidden += grad_logits @ weight[columns]
+            del grad_logits
+        return grad_hidden.to(ctx.input_dtype), grad_weight, None, None, None, None
 
 
 def output_layer_logprobs(
