@@ -94,3 +94,20 @@ def test_parallel_config_errors_name_the_field():
         ParallelConfig(tensor_parallel=0)
     with pytest.raises(ConfigError, match="parallel.device"):
         ParallelConfig(device="tpu")
+
+
+def test_a_world_of_one_leaves_no_torchrun_variables_behind(monkeypatch):
+    """A plain-python run sets RANK/MASTER_PORT for itself; tearing down removes them again, so a
+    child process (a benchmark, a converter) does not rendezvous on this process's stale port."""
+    import os
+
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # the user's own setting stays
+    initialize_parallel(device="cpu")
+    try:
+        assert os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_PORT"].isdigit()
+    finally:
+        destroy_parallel(destroy_process_group=True)
+    assert [n for n in names if n in os.environ] == ["MASTER_ADDR"]

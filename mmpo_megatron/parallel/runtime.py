@@ -62,12 +62,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# The torchrun variables this process set for itself (removed again by destroy_parallel, so a
+# later world of one, or a child process, does not inherit a stale rendezvous port).
+_SELF_SET_ENV: list[str] = []
+
+
 def _ensure_single_process_env() -> None:
     # A plain `python train.py` has no torchrun variables: make it a world of one.
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(free_port())}
+        for key, value in defaults.items():
+            if key not in os.environ:
+                os.environ[key] = value
+                _SELF_SET_ENV.append(key)
 
 
 def initialize_parallel(config: ParallelConfig | None = None, **overrides) -> ParallelLayout:
@@ -154,3 +162,6 @@ def destroy_parallel(destroy_process_group: bool = False) -> None:
         parallel_state.destroy_model_parallel()
     if destroy_process_group and dist.is_initialized():
         dist.destroy_process_group()
+    if destroy_process_group:
+        while _SELF_SET_ENV:
+            os.environ.pop(_SELF_SET_ENV.pop(), None)
