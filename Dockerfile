@@ -14,10 +14,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     CUDA_DEVICE_MAX_CONNECTIONS=1
 
 WORKDIR /opt/mmpo-megatron
-# Dependencies first (a layer that survives code edits), then the code.
+# Dependencies first (a layer that survives code edits), then the code. They are read from
+# pyproject.toml (one list to keep) less torch, which stays the image's CUDA build.
 COPY pyproject.toml README.md ./
-RUN python -m pip install "megatron-core>=0.16.1,<0.20" psutil "hydra-core>=1.3,<1.4" "omegaconf>=2.3" \
-        "datasets>=3.0" "transformers>=4.45" "safetensors>=0.4" tensorboard tqdm
+RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+print('\n'.join(d for d in deps if not d.startswith('torch')))" > /tmp/requirements.txt \
+    && python -m pip install --requirement /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
 COPY mmpo_megatron ./mmpo_megatron
 COPY configs ./configs
 COPY examples ./examples
@@ -27,10 +30,12 @@ RUN python -m pip install --no-deps -e . \
     && python -c "import mmpo_megatron, megatron.core, transformer_engine; print('mmpo-megatron ready')"
 
 # Run as an unprivileged user; data, checkpoints and caches live on mounted /workspace.
-RUN useradd --create-home --uid 1000 mmpo \
+# Ubuntu 24.04 based images already have uid 1000 (user "ubuntu"): reuse it rather than fail.
+RUN (id -u 1000 >/dev/null 2>&1 || useradd --create-home --uid 1000 --user-group mmpo) \
     && mkdir -p /workspace/data /workspace/checkpoints /workspace/.cache \
-    && chown -R mmpo:mmpo /workspace /opt/mmpo-megatron
-USER mmpo
+    && chown -R 1000:1000 /workspace /opt/mmpo-megatron
+# Numeric, so Kubernetes' runAsNonRoot can verify it.
+USER 1000:1000
 WORKDIR /opt/mmpo-megatron
 
 # One process per visible GPU on this node; arguments name the script and its Hydra overrides.

@@ -67,11 +67,37 @@ def test_dockerfile_names_real_paths_and_ngc_conventions():
     assert user and user[-1] not in ("root", "0")
     assert "--no-deps -e ." in text  # the image's torch / TE are never replaced
     assert "torch==" not in text and "transformer-engine" not in text
+    assert re.search(r"^USER \d+:\d+$", text, re.M)  # numeric, for runAsNonRoot
     cmd = shlex.split(re.search(r"^CMD \[(.*)\]$", text, re.M).group(1).replace(",", " "))
     assert (REPO / cmd[0]).exists()
     assert (CONFIGS / f"{cmd[cmd.index('--config-name') + 1]}.yaml").exists()
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+
+
+def test_dockerfile_installs_pyprojects_dependencies_less_torch():
+    """The image's dependency layer runs the Dockerfile's own snippet: pyproject's list minus torch."""
+    import tomllib
+
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", "")
+    snippet = re.search(r'RUN (python -c "import tomllib.*?") > /tmp/requirements.txt', text).group(1)
+    done = subprocess.run(["bash", "-c", snippet.replace("python", shlex.quote(sys.executable), 1)],
+                          cwd=REPO, capture_output=True, text=True, check=True)
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.startswith("torch") for d in declared)
+    assert done.stdout.split() == [d for d in declared if not d.startswith("torch")]
+
+
+def test_dockerfile_and_sbatch_pass_hadolint_and_shellcheck():
+    """Linted with the test extra's hadolint and shellcheck (warnings fail; hadolint's info level does not);
+    shellcheck also covers tools/gpu_report.sh."""
+    bin_dir = Path(sys.executable).parent
+    lint = subprocess.run([str(bin_dir / "hadolint"), "--failure-threshold", "warning", "Dockerfile"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    check = subprocess.run([str(bin_dir / "shellcheck"), "examples/slurm/train_mmpo.sbatch", "tools/gpu_report.sh"],
+                           cwd=REPO, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_sbatch_script_is_valid_bash_and_names_real_paths():
