@@ -504,6 +504,18 @@ class TrainConfig:
         if not self.loss.needs_reference and self.reference.mode == "resident":
             # SimPO needs no reference: never build one.
             self.reference.mode = "precompute"
+        if self.precision.fp8 is not None:
+            # TE's FP8 GEMMs need every token dimension a multiple of 16.
+            _require(
+                self.data.pad_to_multiple % 16 == 0,
+                "data.pad_to_multiple",
+                f"must be a multiple of 16 with precision.fp8={self.precision.fp8}, got {self.data.pad_to_multiple}",
+            )
+            _require(
+                self.model.layer_spec == "transformer_engine",
+                "model.layer_spec",
+                f"precision.fp8 needs transformer_engine, got {self.model.layer_spec!r}",
+            )
 
     def validate_for_world(self, world_size: int) -> None:
         """Checks that need the world size; errors name the field."""

@@ -321,6 +321,13 @@ def test_config_errors_name_the_field_before_heavy_work():
         resolve_config(OmegaConf.create({"lossy": 1}))
     with pytest.raises(ConfigError, match="loss.beta"):
         resolve_config(OmegaConf.create({"loss": {"beta": -1.0}}))
+    fp8 = {"precision": {"fp8": "hybrid"}, "model": {"layer_spec": "transformer_engine"}}
+    with pytest.raises(ConfigError, match="data.pad_to_multiple: must be a multiple of 16 with precision.fp8=hybrid, got 8"):
+        resolve_config(OmegaConf.create({**fp8, "data": {"pad_to_multiple": 8}}))
+    with pytest.raises(ConfigError, match="model.layer_spec: precision.fp8 needs transformer_engine, got 'local_sdpa'"):
+        resolve_config(OmegaConf.create({**fp8, "model": {"layer_spec": "local_sdpa"}}))
+    with pytest.raises(ConfigError, match="precision.fp8_recipe: must be delayed, tensorwise or blockwise"):
+        resolve_config(OmegaConf.create({**fp8, "precision": {"fp8": "e4m3", "fp8_recipe": "mxfp4"}}))
 
 
 def test_cli_rejects_bad_layout_with_exit_code_2(tmp_path):
