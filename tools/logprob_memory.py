@@ -103,8 +103,14 @@ def main(argv=None) -> int:
         variants += [f"fused:{c}" for c in args.chunks.split(",")] if name == "fused" else [name]
     # megatron's cross entropy looks up the tensor-parallel group: a world of one.
     layout = initialize_parallel(device=args.device)
+    runs = [(int(t), v) for t in args.tokens.split(",") for v in variants]
+    results = []
     try:
-        results = [measure(v, int(t), args, layout.device) for t in args.tokens.split(",") for v in variants]
+        for number, (tokens, variant) in enumerate(runs, 1):
+            results.append(measure(variant, tokens, args, layout.device))
+            # Each run is a full-vocabulary forward and backward: seconds to a minute on a CPU.
+            print(f"[{number}/{len(runs)}] {tokens} tokens, {variant}: {results[-1]['peak_gib']:.2f} GiB "
+                  f"in {results[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
     finally:
         destroy_parallel(destroy_process_group=True)
     print(f"device: {layout.device}" + (f" ({torch.cuda.get_device_name(layout.device)})" if layout.device.type == "cuda" else "")
