@@ -120,6 +120,7 @@ def test_benchmark_runs_and_reports(tmp_path):
     assert "real tok/s" in done.stdout
     (result,) = json.loads(out.read_text())["results"]
     assert result["lengths"] == "realistic" and result["packing"] and result["real_tokens_per_s"] > 0
+    assert result["pack_length"] == 128  # the trainer's default on CPU: one longest pair (2 x --max-length)
     assert 0 <= result["padding_fraction"] < 1 and result["s_per_step"] > 0
 
 

@@ -371,16 +371,20 @@ def test_gpu_smoke_125m(tmp_path):
         specs.append("transformer_engine")
     except Exception:
         pass
-    for spec in specs:
-        cfg = make_config(tmp_path / spec, steps=3)
+    # local_sdpa packed: compiled flex_attention with a block mask, a whole micro-batch per row.
+    for spec, packing in [("local_sdpa", False), ("local_sdpa", True)] + [(s, False) for s in specs[1:]]:
+        cfg = make_config(tmp_path / f"{spec}_{packing}", steps=3)
         cfg.device = cfg.parallel.device = "cuda"
         cfg.model = ModelConfig(num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=2048,
-                                max_position_embeddings=512, layer_spec=spec)
+                                max_position_embeddings=512, layer_spec=spec, fused_logprob_chunk=1024)
+        cfg.data.packing = packing
         if spec == "transformer_engine":
             cfg.precision.fp8 = "hybrid"
         records = run_on_ranks(train_records, 1, cfg)[0]
         train = [r for r in records if r["split"] == "train"]
         assert len(train) == 3 and all(r["loss"] == r["loss"] for r in train)
+        if packing:
+            assert all(r["padding_fraction"] < 0.1 for r in train)
 
 
 # ------------------------------------------------------------------------------------------ fused output layer
@@ -419,6 +423,15 @@ def packed_or_not(root, packing, tp, pp, spec):
     cfg.model.layer_spec = spec
     cfg.train.eval_interval = 2
     return train_records(cfg)
+
+
+def test_default_pack_length_puts_a_micro_batch_in_one_row_only_where_flex_attention_trains():
+    from mmpo_megatron.model.builder import default_pack_length
+
+    assert default_pack_length(ModelConfig(layer_spec="local_sdpa"), 1024, 8, "cuda") == 8 * 2048
+    # Dense masks cost length^2: rows of one longest pair (CPU training has no flex backward).
+    assert default_pack_length(ModelConfig(layer_spec="local_sdpa"), 1024, 8, "cpu") == 2048
+    assert default_pack_length(ModelConfig(layer_spec="local"), 1024, 8, "cuda") == 2048
 
 
 @pytest.mark.parametrize("tp,pp,spec", [(2, 1, "local"), (1, 2, "local_sdpa")])

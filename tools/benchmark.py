@@ -37,7 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lengths", default="256+256", help="comma-separated PROMPT+RESPONSE fixed lengths")
     p.add_argument("--realistic", action="store_true", help="lognormal lengths instead of --lengths")
     p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--packing", action="store_true", help="pack each step's pairs into rows of 2 x --max-length")
+    p.add_argument("--packing", action="store_true",
+                   help="pack each step's pairs into rows (of --pack-length, else the trainer's default)")
+    p.add_argument("--pack-length", type=int,
+                   help="packed row length; default: all pairs in one row with flex_attention (local_sdpa on "
+                        "GPU), else 2 x --max-length")
     p.add_argument("--vs-trl", action="store_true",
                    help="also run TRL's DPOTrainer (online reference) on the same model shape, batch and data")
     p.add_argument("--warmup", type=int, default=5)
@@ -107,7 +111,7 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from mmpo_megatron.config import LossConfig, ParallelConfig, PrecisionConfig
-    from mmpo_megatron.model.builder import build_model_chunks, resolve_dtype, unwrap
+    from mmpo_megatron.model.builder import build_model_chunks, default_pack_length, resolve_dtype, unwrap
     from mmpo_megatron.train.reference import microbatches_for
     from mmpo_megatron.train.step import train_microbatches
 
@@ -128,13 +132,15 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
     tokenizer = build_byte_tokenizer()
     rng = random.Random(args.seed)
     loss = LossConfig()
+    pack_length = None
+    if args.packing:
+        pack_length = args.pack_length or default_pack_length(model_cfg, args.max_length, pairs_per_step, device.type)
     step_times, real_tokens, padded_tokens = [], 0, 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(args.warmup + args.steps):
         pairs = tokenised(text_pairs(pairs_per_step, lengths, args.max_length, rng), tokenizer)
-        micro = microbatches_for(pairs, range(pairs_per_step), 0, 16, device, vocab,
-                                 2 * args.max_length if args.packing else None)
+        micro = microbatches_for(pairs, range(pairs_per_step), 0, 16, device, vocab, pack_length)
         micro.ref_chosen = -torch.rand(pairs_per_step, device=device) * 100
         micro.ref_rejected = -torch.rand(pairs_per_step, device=device) * 100
         if device.type == "cuda":
@@ -155,7 +161,7 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
     return {
         "model": model_cfg.name, "layer_spec": model_cfg.layer_spec, "fused_logprob_chunk": model_cfg.fused_logprob_chunk,
         "pairs": pairs_per_step, "lengths": "realistic" if lengths is None else f"{lengths[0]}+{lengths[1]}",
-        "packing": bool(args.packing),
+        "packing": bool(args.packing), "pack_length": pack_length,
         "params_m": params / 1e6, "s_per_step": statistics.median(step_times), "real_tokens_per_s": real_tokens / total,
         "padded_tokens_per_s": padded_tokens / total, "padding_fraction": 1 - real_tokens / padded_tokens,
         "model_tflops": achieved, "mfu_vs_measured": achieved / ceiling if ceiling else None,
@@ -227,7 +233,7 @@ def run_trl(model_cfg, pairs_per_step: int, lengths, args, device, ceiling) -> d
     achieved = 6 * params * real_per_step * len(timed) / sum(timed) / 1e12
     return {
         "model": model_cfg.name, "layer_spec": "trl", "fused_logprob_chunk": None, "pairs": pairs_per_step,
-        "lengths": "realistic" if lengths is None else f"{lengths[0]}+{lengths[1]}", "packing": False,
+        "lengths": "realistic" if lengths is None else f"{lengths[0]}+{lengths[1]}", "packing": False, "pack_length": None,
         "params_m": params / 1e6, "s_per_step": statistics.median(timed), "real_tokens_per_s": real_per_step * len(timed) / sum(timed),
         "padded_tokens_per_s": None, "padding_fraction": None, "model_tflops": achieved,
         "mfu_vs_measured": achieved / ceiling if ceiling else None,
@@ -268,14 +274,15 @@ def main(argv=None) -> int:
                     results.append(trl)
     finally:
         destroy_parallel(destroy_process_group=True)
-    header = f"{'model':<14}{'spec':<12}{'pairs':>6}{'lengths':>10}{'s/step':>9}{'real tok/s':>12}{'pad %':>7}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>9}"
+    header = f"{'model':<18}{'spec':<12}{'pairs':>6}{'lengths':>10}{'packed':>8}{'s/step':>9}{'real tok/s':>12}{'pad %':>7}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>9}"
     print(f"device: {layout.device}; bf16 matmul ceiling: {f'{ceiling:.0f} TFLOP/s' if ceiling else 'n/a (CPU)'}")
     print(header)
     for r in results:
         mfu = f"{100 * r['mfu_vs_measured']:.1f}%" if r["mfu_vs_measured"] else "n/a"
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
         pad = f"{100 * r['padding_fraction']:>6.1f}%" if r["padding_fraction"] is not None else f"{'n/a':>7}"
-        print(f"{r['model']:<14}{r['layer_spec']:<12}{r['pairs']:>6}{r['lengths']:>10}{r['s_per_step']:>9.3f}"
+        packed = str(r["pack_length"]) if r["pack_length"] else "-"
+        print(f"{r['model']:<18}{r['layer_spec']:<12}{r['pairs']:>6}{r['lengths']:>10}{packed:>8}{r['s_per_step']:>9.3f}"
               f"{r['real_tokens_per_s']:>12.0f}{pad}{r['model_tflops']:>9.2f}{mfu:>7}{mem:>9}"
               + (f"   ours / TRL = {r['ours_over_trl']:.2f}x" if "ours_over_trl" in r else ""))
     if args.json:

@@ -193,6 +193,19 @@ def fused_output_head(chunk: torch.nn.Module) -> tuple[torch.Tensor, int] | None
     return weight, size
 
 
+def default_pack_length(model: ModelConfig, max_length: int, micro_batch_size: int, device: str) -> int:
+    """Packed row length when ``data.pack_length`` is unset.
+
+    Where flex_attention trains (local_sdpa on GPU) attention cost follows the real tokens, so a
+    whole micro-batch goes in one row and nothing is padding (UltraFeedback-like lengths: 0.1%,
+    against 16% with rows of one longest pair). A dense mask costs rows x length^2, so elsewhere
+    a row holds one longest pair (2 x max_length).
+    """
+    if model.layer_spec == "local_sdpa" and device == "cuda":
+        return micro_batch_size * 2 * max_length
+    return 2 * max_length
+
+
 def packed_attention_mask(chunk: torch.nn.Module, segment_ids: torch.Tensor):
     """The attention mask this chunk's layer spec wants for packed rows (block mask or dense)."""
     from mmpo_megatron.data.batching import packed_causal_mask

@@ -90,7 +90,12 @@ class _Trainer:
             write_report(report, self.out / "data_report.json")
             print(f"data: {report.summary()}", flush=True)
         self.pad_id = self.tokenizer.pad_token_id
-        self.pack_length = (cfg.data.pack_length or 2 * cfg.data.max_length) if cfg.data.packing else None
+        self.pack_length = None
+        if cfg.data.packing:
+            from mmpo_megatron.model.builder import default_pack_length
+
+            self.pack_length = cfg.data.pack_length or default_pack_length(
+                cfg.model, cfg.data.max_length, cfg.train.micro_batch_size, self.device.type)
 
     def _setup_model(self) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
