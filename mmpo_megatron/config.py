@@ -184,8 +184,8 @@ class DataConfig:
     specs this uses a dense [rows, 1, L, L] mask; RoPE is relative, so positions need no reset."""
 
     pack_length: int | None = None
-    """Packed row length. None: a whole micro-batch in one row where flex_attention trains
-    (local_sdpa on GPU: no padding at all), else 2 x max_length (a dense mask grows with length^2)."""
+    """Packed row length. None: a whole micro-batch (up to 16k tokens) in one row where flex_attention
+    trains (local_sdpa on GPU: almost no padding), else 2 x max_length (a dense mask grows with length^2)."""
 
     group_by_length: bool = False
     """Order each global batch's pairs by length before splitting it, so micro-batches pad less."""

@@ -428,7 +428,9 @@ def packed_or_not(root, packing, tp, pp, spec):
 def test_default_pack_length_puts_a_micro_batch_in_one_row_only_where_flex_attention_trains():
     from mmpo_megatron.model.builder import default_pack_length
 
-    assert default_pack_length(ModelConfig(layer_spec="local_sdpa"), 1024, 8, "cuda") == 8 * 2048
+    assert default_pack_length(ModelConfig(layer_spec="local_sdpa"), 1024, 4, "cuda") == 4 * 2048
+    assert default_pack_length(ModelConfig(layer_spec="local_sdpa"), 1024, 32, "cuda") == 16384  # mask-building cap
+    assert default_pack_length(ModelConfig(layer_spec="local_sdpa"), 9000, 4, "cuda") == 18000  # any pair fits
     # Dense masks cost length^2: rows of one longest pair (CPU training has no flex backward).
     assert default_pack_length(ModelConfig(layer_spec="local_sdpa"), 1024, 8, "cpu") == 2048
     assert default_pack_length(ModelConfig(layer_spec="local"), 1024, 8, "cuda") == 2048

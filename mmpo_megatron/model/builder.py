@@ -198,12 +198,14 @@ def default_pack_length(model: ModelConfig, max_length: int, micro_batch_size: i
 
     Where flex_attention trains (local_sdpa on GPU) attention cost follows the real tokens, so a
     whole micro-batch goes in one row and nothing is padding (UltraFeedback-like lengths: 0.1%,
-    against 16% with rows of one longest pair). A dense mask costs rows x length^2, so elsewhere
+    against 16% with rows of one longest pair), up to 16k tokens a row: building the block mask
+    evaluates length^2 booleans. A dense mask costs rows x length^2 in attention too, so elsewhere
     a row holds one longest pair (2 x max_length).
     """
+    one_pair = 2 * max_length
     if model.layer_spec == "local_sdpa" and device == "cuda":
-        return micro_batch_size * 2 * max_length
-    return 2 * max_length
+        return max(one_pair, min(micro_batch_size * one_pair, 16384))
+    return one_pair
 
 
 def packed_attention_mask(chunk: torch.nn.Module, segment_ids: torch.Tensor):
