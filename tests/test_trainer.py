@@ -417,10 +417,11 @@ def test_fused_chunked_output_layer_and_bf16_train_like_full_fp32_logits(tmp_pat
 # ------------------------------------------------------------------------------------------ packing
 
 
-def packed_or_not(root, packing, tp, pp, spec):
+def packed_or_not(root, packing, tp, pp, spec, chunk):
     cfg = make_config(Path(root) / f"pack{int(packing)}_tp{tp}_pp{pp}_{spec}", tp=tp, pp=pp, steps=2)
     cfg.data.packing = packing
     cfg.model.layer_spec = spec
+    cfg.model.fused_logprob_chunk = chunk
     cfg.train.eval_interval = 2
     return train_records(cfg)
 
@@ -436,10 +437,11 @@ def test_default_pack_length_puts_a_micro_batch_in_one_row_only_where_flex_atten
     assert default_pack_length(ModelConfig(layer_spec="local"), 1024, 8, "cuda") == 2048
 
 
-@pytest.mark.parametrize("tp,pp,spec", [(2, 1, "local"), (1, 2, "local_sdpa")])
-def test_packed_training_equals_padded_training(tmp_path, tp, pp, spec):
-    padded = run_on_ranks(packed_or_not, 2, str(tmp_path), False, tp, pp, spec)[0]
-    packed = run_on_ranks(packed_or_not, 2, str(tmp_path), True, tp, pp, spec)[0]
+# The PP=2 case runs the fused head (completion tokens gathered out of packed rows).
+@pytest.mark.parametrize("tp,pp,spec,chunk", [(2, 1, "local", 0), (1, 2, "local_sdpa", 5)])
+def test_packed_training_equals_padded_training(tmp_path, tp, pp, spec, chunk):
+    padded = run_on_ranks(packed_or_not, 2, str(tmp_path), False, tp, pp, spec, chunk)[0]
+    packed = run_on_ranks(packed_or_not, 2, str(tmp_path), True, tp, pp, spec, chunk)[0]
     assert [r["split"] for r in packed] == ["eval", "train", "train", "eval"]
     assert packed[1]["padding_fraction"] < padded[1]["padding_fraction"]
     for a, b in zip(padded, packed):

@@ -62,8 +62,11 @@ def pair_logps(
     if head is None:
         per_token = token_logprobs(output, labels, vocab_size=micro.vocab_size)
     else:
+        # The output layer runs on completion tokens only: prompt and padding positions (36% of the
+        # tokens on UltraFeedback-like lengths, half in the 256+256 benchmark) never reach the head.
         weight, chunk = head
-        per_token = output_layer_logprobs(output, weight, labels, chunk=chunk, vocab_size=micro.vocab_size)
+        scored = output_layer_logprobs(output[mask], weight, labels[mask], chunk=chunk, vocab_size=micro.vocab_size)
+        per_token = torch.zeros(mask.shape, dtype=scored.dtype, device=scored.device).masked_scatter(mask, scored)
     pairs = micro.batch.num_pairs
     if micro.packed is None:
         sums, tokens = (per_token * mask).sum(-1), mask.sum(-1)
