@@ -107,11 +107,10 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
     import random
 
     import torch
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from mmpo_megatron.config import LossConfig, ParallelConfig, PrecisionConfig
+    from mmpo_megatron.config import LossConfig, OptimConfig, ParallelConfig, PrecisionConfig
     from mmpo_megatron.model.builder import build_model_chunks, default_pack_length, resolve_dtype, unwrap
+    from mmpo_megatron.train.optimizer import wrap_for_training
     from mmpo_megatron.train.reference import microbatches_for
     from mmpo_megatron.train.step import train_microbatches
 
@@ -120,12 +119,8 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
     dtype = resolve_dtype(precision, device.type)
     vocab = model_cfg.vocab_size or 32000
     chunks = build_model_chunks(model_cfg, ParallelConfig(device=device.type), precision, vocab_size=vocab, device=device.type)
-    config = unwrap(chunks[0]).config
-    ddp = [DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True), module=chunks[0])]
-    config.finalize_model_grads_func = finalize_model_grads
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-6, bf16=dtype == torch.bfloat16, params_dtype=dtype, clip_grad=1.0,
-                        use_distributed_optimizer=True), ddp)
+    # The trainer's DDP and optimizer (fp32 masters, distributed optimizer) at the GPU baseline's lr and clipping.
+    ddp, optimizer = wrap_for_training(chunks, OptimConfig(lr=1e-6, clip_grad=1.0), dtype)
     params = sum(p.numel() for p in unwrap(chunks[0]).parameters())
     from mmpo_megatron.data.tokenizer import build_byte_tokenizer
 

@@ -28,6 +28,7 @@ from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
 from mmpo_megatron.parallel.batch_stats import normalisation_stats, reduce_metric_sums
 from mmpo_megatron.train import checkpoint as ckpt
 from mmpo_megatron.train.logger import MetricsLogger
+from mmpo_megatron.train.optimizer import wrap_for_training
 from mmpo_megatron.train.reference import PairScores, cached_scores, fingerprint, microbatches_for, score_dataset
 from mmpo_megatron.train.step import score_microbatches, train_microbatches
 
@@ -98,8 +99,6 @@ class _Trainer:
                 cfg.model, cfg.data.max_length, cfg.train.micro_batch_size, self.device.type)
 
     def _setup_model(self) -> None:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         cfg = self.cfg
@@ -108,25 +107,7 @@ class _Trainer:
             raise ValueError(f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's {len(self.tokenizer)} tokens")
         chunks = self._build_chunks()
         self.model_config = unwrap(chunks[0]).config
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=cfg.optim.distributed_optimizer
-        )
-        self.chunks = [
-            DistributedDataParallel(self.model_config, ddp_config, module=chunk, disable_bucketing=i > 0)
-            for i, chunk in enumerate(chunks)
-        ]
-        self.model_config.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
-        self.model_config.finalize_model_grads_func = finalize_model_grads
-        dtype = resolve_dtype(cfg.precision, self.device.type)
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam", lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, weight_decay=cfg.optim.weight_decay,
-                adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps,
-                clip_grad=cfg.optim.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
-                use_distributed_optimizer=cfg.optim.distributed_optimizer,
-            ),
-            self.chunks,
-        )
+        self.chunks, self.optimizer = wrap_for_training(chunks, cfg.optim, resolve_dtype(cfg.precision, self.device.type))
         gbs = cfg.train.global_batch_size
         self.steps_per_epoch = len(self.train_pairs) // gbs
         if self.steps_per_epoch == 0:
