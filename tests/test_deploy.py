@@ -135,3 +135,17 @@ def test_benchmark_against_trl_on_the_same_data(tmp_path):
     assert ours["params_m"] == pytest.approx(trl["params_m"], rel=0.05)  # the same model shape
     assert trl["ours_over_trl"] == pytest.approx(ours["real_tokens_per_s"] / trl["real_tokens_per_s"])
     assert "ours / TRL" in done.stdout
+
+
+def test_attention_benchmark_lays_the_same_pairs_out_packed_and_padded(tmp_path):
+    out = tmp_path / "attn.json"
+    done = subprocess.run([sys.executable, str(REPO / "tools/attention_benchmark.py"), "--device", "cpu", "--pairs", "6",
+                           "--max-length", "1024", "--heads", "4", "--kv-heads", "2", "--head-dim", "8",
+                           "--warmup", "0", "--repeats", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    packed, padded = json.loads(out.read_text())["results"]
+    assert packed["real_tokens"] == padded["real_tokens"] > 0
+    assert packed["rows"] * packed["length"] >= packed["real_tokens"] and packed["length"] <= 2048  # 2 x --max-length on CPU
+    assert padded["rows"] == 12  # chosen and rejected of each pair
+    assert packed["padding_fraction"] < padded["padding_fraction"]
+    assert "packed (flex_attention)" in done.stdout and "padded (SDPA causal)" in done.stdout

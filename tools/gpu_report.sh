@@ -4,6 +4,7 @@
 #   tools/gpu_report.sh wheels       # on a machine with PyPI: the wheels a bare CUDA-torch box lacks, into .whl/
 #   tools/gpu_report.sh smoke        # on the GPU: the CUDA tests (tests/test_trainer.py -k gpu)
 #   tools/gpu_report.sh memory       # peak memory of the output head + log-probs, seq 4096/8192, vocab 128k
+#   tools/gpu_report.sh attention    # compiled flex_attention on packed rows vs padded SDPA, same pairs
 #   tools/gpu_report.sh fixed        # benchmark vs TRL: 1.5B Llama shape, 8 pairs of 256+256 tokens
 #   tools/gpu_report.sh realistic    # benchmark vs TRL: UltraFeedback-like lengths, packing, max length 1024
 #
@@ -14,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_report}
 PYTHON=${PYTHON:-python3}
-phase=${1:?usage: tools/gpu_report.sh wheels|smoke|memory|fixed|realistic}
+phase=${1:?usage: tools/gpu_report.sh wheels|smoke|memory|attention|fixed|realistic}
 
 # What a CUDA-torch image with transformers, pyarrow and pandas still lacks. hydra-core 1.3 wants
 # omegaconf < 2.4 and antlr4 4.9 (published as a source archive only, so built into a wheel here).
@@ -47,6 +48,8 @@ case $phase in
         "$PYTHON" -m pytest -q -rs tests/test_trainer.py -k gpu 2>&1 | tee -a "$OUT/$phase.txt" ;;
     memory)
         "$PYTHON" tools/logprob_memory.py --tokens 4096,8192 --chunks 512,1024,2048 --json "$OUT/$phase.json" 2>&1 | tee -a "$OUT/$phase.txt" ;;
+    attention)
+        "$PYTHON" tools/attention_benchmark.py --pairs 16 --pack-length 8192 --json "$OUT/$phase.json" 2>&1 | tee -a "$OUT/$phase.txt" ;;
     fixed)
         "$PYTHON" tools/benchmark.py --model llama_1p5b_bench --pairs 8 --lengths 256+256 --vs-trl \
             --json "$OUT/$phase.json" 2>&1 | tee -a "$OUT/$phase.txt" ;;
@@ -54,5 +57,5 @@ case $phase in
         "$PYTHON" tools/benchmark.py --model llama_1p5b_bench --pairs 8 --realistic --packing --max-length 1024 \
             --vs-trl --json "$OUT/$phase.json" 2>&1 | tee -a "$OUT/$phase.txt" ;;
     *)
-        echo "unknown phase $phase: use wheels, smoke, memory, fixed or realistic" >&2; exit 2 ;;
+        echo "unknown phase $phase: use wheels, smoke, memory, attention, fixed or realistic" >&2; exit 2 ;;
 esac
