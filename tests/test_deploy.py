@@ -128,12 +128,14 @@ def test_benchmark_against_trl_on_the_same_data(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, str(REPO / "tools/benchmark.py"), "--model", "tiny", "--device", "cpu",
                            "--warmup", "1", "--steps", "2", "--pairs", "2", "--lengths", "12+12", "--vs-trl",
-                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+                           "--trl-reference", "online,precompute", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    ours, trl = json.loads(out.read_text())["results"]
-    assert ours["layer_spec"] == "local" and trl["layer_spec"] == "trl"
-    assert ours["params_m"] == pytest.approx(trl["params_m"], rel=0.05)  # the same model shape
-    assert trl["ours_over_trl"] == pytest.approx(ours["real_tokens_per_s"] / trl["real_tokens_per_s"])
+    ours, online, precompute = json.loads(out.read_text())["results"]
+    assert ours["layer_spec"] == "local" and online["layer_spec"] == "trl-online" and precompute["layer_spec"] == "trl-precomp"
+    for trl in (online, precompute):
+        assert ours["params_m"] == pytest.approx(trl["params_m"], rel=0.05)  # the same model shape
+        assert trl["ours_over_trl"] == pytest.approx(ours["real_tokens_per_s"] / trl["real_tokens_per_s"])
     assert "ours / TRL" in done.stdout
 
 

@@ -43,7 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="packed row length; default: all pairs in one row with flex_attention (local_sdpa on "
                         "GPU), else 2 x --max-length")
     p.add_argument("--vs-trl", action="store_true",
-                   help="also run TRL's DPOTrainer (online reference) on the same model shape, batch and data")
+                   help="also run TRL's DPOTrainer on the same model shape, batch and data")
+    p.add_argument("--trl-reference", default="online",
+                   help="comma-separated TRL reference modes: online (a resident reference model) and/or "
+                        "precompute (precompute_ref_log_probs, ref_model=None: TRL's fastest)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -164,8 +167,9 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
     }
 
 
-def run_trl(model_cfg, pairs_per_step: int, lengths, args, device, ceiling) -> dict:
-    """TRL's DPOTrainer (online reference model, TRL defaults otherwise) on the same shape and data."""
+def run_trl(model_cfg, pairs_per_step: int, lengths, args, device, ceiling, reference: str = "online") -> dict:
+    """TRL's DPOTrainer (TRL defaults but the reference mode) on the same shape and data; the
+    precompute pass, like ours, is outside the timed steps."""
     import copy
     import random
     import tempfile
@@ -212,9 +216,12 @@ def run_trl(model_cfg, pairs_per_step: int, lengths, args, device, ceiling) -> d
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
+        if reference not in ("online", "precompute"):
+            raise ValueError(f"--trl-reference: {reference!r} is neither online nor precompute")
         trainer = DPOTrainer(
-            model=model, ref_model=copy.deepcopy(model),
+            model=model, ref_model=copy.deepcopy(model) if reference == "online" else None,
             args=DPOConfig(output_dir=out, per_device_train_batch_size=pairs_per_step, max_steps=total_steps,
+                           precompute_ref_log_probs=reference == "precompute",
                            learning_rate=1e-6, beta=0.1, bf16=dtype == torch.bfloat16, max_length=2 * args.max_length,
                            gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=10**6,
                            use_cpu=device.type != "cuda", dataloader_num_workers=0, seed=args.seed),
@@ -227,7 +234,7 @@ def run_trl(model_cfg, pairs_per_step: int, lengths, args, device, ceiling) -> d
     params = sum(p.numel() for p in model.parameters())
     achieved = 6 * params * real_per_step * len(timed) / sum(timed) / 1e12
     return {
-        "model": model_cfg.name, "layer_spec": "trl", "fused_logprob_chunk": None, "pairs": pairs_per_step,
+        "model": model_cfg.name, "layer_spec": f"trl-{reference[:7]}", "fused_logprob_chunk": None, "pairs": pairs_per_step,
         "lengths": "realistic" if lengths is None else f"{lengths[0]}+{lengths[1]}", "packing": False, "pack_length": None,
         "params_m": params / 1e6, "s_per_step": statistics.median(timed), "real_tokens_per_s": real_per_step * len(timed) / sum(timed),
         "padded_tokens_per_s": None, "padding_fraction": None, "model_tflops": achieved,
@@ -263,8 +270,8 @@ def main(argv=None) -> int:
             for length in lengths:
                 ours = run_config(model_cfg, int(p), length, args, layout, ceiling)
                 results.append(ours)
-                if args.vs_trl:
-                    trl = run_trl(model_cfg, int(p), length, args, layout.device, ceiling)
+                for reference in args.trl_reference.split(",") if args.vs_trl else []:
+                    trl = run_trl(model_cfg, int(p), length, args, layout.device, ceiling, reference)
                     trl["ours_over_trl"] = ours["real_tokens_per_s"] / trl["real_tokens_per_s"]
                     results.append(trl)
     finally:
