@@ -387,6 +387,32 @@ def test_gpu_smoke_125m(tmp_path):
             assert all(r["padding_fraction"] < 0.1 for r in train)
 
 
+# ------------------------------------------------------------------------------------------ optimizer
+
+
+def optimizer_groups(root):
+    from mmpo_megatron.model.builder import build_model_chunks
+    from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
+    from mmpo_megatron.train.optimizer import wrap_for_training
+
+    cfg = make_config(Path(root))
+    initialize_parallel(device="cpu")
+    try:
+        chunks = build_model_chunks(cfg.model, cfg.parallel, cfg.precision, vocab_size=263, device="cpu")
+        _, optimizer = wrap_for_training(chunks, cfg.optim, torch.float32)
+        inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+        return [(type(o).__name__, g["fused"], g["foreach"]) for o in inner for g in o.param_groups]
+    finally:
+        destroy_parallel()
+
+
+def test_torch_adam_fallback_runs_fused(tmp_path):
+    """Without TE or Apex, megatron steps torch's Adam: every group is switched to the fused kernel
+    (the layout and exact-resume tests above run through it)."""
+    groups = run_on_ranks(optimizer_groups, 1, str(tmp_path))[0]
+    assert groups and all(name in ("Adam", "AdamW") and fused and not foreach for name, fused, foreach in groups), groups
+
+
 # ------------------------------------------------------------------------------------------ fused output layer
 
 

@@ -36,4 +36,27 @@ def wrap_for_training(chunks: Sequence[torch.nn.Module], optim: OptimConfig, dty
         ),
         wrapped,
     )
+    use_fused_torch_adam(optimizer)
     return wrapped, optimizer
+
+
+def use_fused_torch_adam(optimizer) -> int:
+    """Switch megatron's fallback torch Adam/AdamW (no TE or Apex installed) to its fused kernel; returns
+    how many param groups were switched.
+
+    torch picks the multi-kernel foreach implementation by default: about three times the memory
+    traffic of the single fused pass over fp32 master weights, gradients and both moments. The
+    groups' ``fused`` flag is read at every step (and saved with the optimizer state).
+    """
+    inner = [getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    switched = 0
+    for torch_optimizer in inner:
+        if not isinstance(torch_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            continue  # TE / Apex FusedAdam: fused already
+        for group in torch_optimizer.param_groups:
+            if group.get("differentiable") or group.get("fused"):
+                continue
+            if all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in group["params"]):
+                group["fused"], group["foreach"] = True, False
+                switched += 1
+    return switched
