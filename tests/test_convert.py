@@ -71,6 +71,8 @@ def megatron_logits(root, names, tokens):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from dataclasses import replace
+
     from mmpo_megatron.config import ParallelConfig, PrecisionConfig
     from mmpo_megatron.convert.checkpoints import read_hf_config
     from mmpo_megatron.convert.llama import model_config_from_hf
@@ -83,7 +85,8 @@ def megatron_logits(root, names, tokens):
     tp = ps.get_tensor_model_parallel_world_size()
     out = {}
     for name in names:
-        model = model_config_from_hf(read_hf_config(Path(root) / f"{name}_mcore"))
+        # Logits, not log-probs: megatron's own output layer (the fused head returns hidden states).
+        model = replace(model_config_from_hf(read_hf_config(Path(root) / f"{name}_mcore")), fused_logprob_chunk=0)
         chunks = build_model_chunks(model, ParallelConfig(tensor_parallel=tp, device="cpu"), PrecisionConfig(dtype="fp32"),
                                     vocab_size=VOCAB, device="cpu")
         load_weights(Path(root) / f"{name}_mcore", chunks)
