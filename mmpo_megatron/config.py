@@ -345,6 +345,16 @@ class PrecisionConfig:
         )
 
 
+def check_fp8_layer_spec(model: ModelConfig, precision: PrecisionConfig) -> None:
+    """FP8 GEMMs come from Transformer Engine's layers: ``precision.fp8`` needs their layer spec."""
+    if precision.fp8 is not None:
+        _require(
+            model.layer_spec == "transformer_engine",
+            "model.layer_spec",
+            f"precision.fp8 needs transformer_engine, got {model.layer_spec!r}",
+        )
+
+
 @dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule (megatron's optimizer and OptimizerParamScheduler)."""
@@ -514,11 +524,7 @@ class TrainConfig:
                 "data.pad_to_multiple",
                 f"must be a multiple of 16 with precision.fp8={self.precision.fp8}, got {self.data.pad_to_multiple}",
             )
-            _require(
-                self.model.layer_spec == "transformer_engine",
-                "model.layer_spec",
-                f"precision.fp8 needs transformer_engine, got {self.model.layer_spec!r}",
-            )
+            check_fp8_layer_spec(self.model, self.precision)
 
     def validate_for_world(self, world_size: int) -> None:
         """Checks that need the world size; errors name the field."""

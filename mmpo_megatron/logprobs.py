@@ -126,7 +126,7 @@ class _ChunkedOutputLayerLogProbs(torch.autograd.Function):
             logits = hidden[part] @ weight.t()
             logp[part], lse[part], _, _, valid = _label_logprobs_and_lse(logits, labels[part], group, vocab_size)
             del logits  # before the next chunk's GEMM allocates
-        ctx.group, ctx.vocab_size, ctx.chunk, ctx.valid_columns = group, vocab_size, chunk, valid
+        ctx.group, ctx.chunk, ctx.valid_columns = group, chunk, valid
         ctx.save_for_backward(hidden, weight, labels, lse)
         return logp
 

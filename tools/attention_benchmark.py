@@ -78,12 +78,12 @@ def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from mmpo_megatron.data.batching import collate_packed, pack_pairs, pair_tokens, round_up
+    from mmpo_megatron.data.batching import pack_rows, pair_tokens
     from mmpo_megatron.model.sdpa_attention import _flex, packed_block_mask
+    from mmpo_megatron.parallel.runtime import resolve_device
 
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(resolve_device(args.device))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backward = device.type == "cuda"
     pack_length = args.pack_length or (8192 if device.type == "cuda" else 2 * args.max_length)
@@ -101,10 +101,7 @@ def main(argv=None) -> int:
             out.backward(torch.ones_like(out))
         return out
 
-    bins = pack_pairs(pairs, pack_length)
-    # Rows as wide as the fullest one (rounded to 16), as the trainer lays them out.
-    width = round_up(max(sum(pair_tokens(pairs[i]) for i in members) for members in bins), 16)
-    packed = collate_packed(pairs, bins, width, pad_id=0).to(device)
+    packed = pack_rows(pairs, pack_length, pad_id=0, pad_to_multiple=16).to(device)  # as the trainer lays rows out
     mask = packed_block_mask(packed.segment_ids)
     flex = _flex(device.type)
     packed_qkv = qkv(*packed.segment_ids.shape)

@@ -156,7 +156,7 @@ def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype:
 
     path = resolve_checkpoint(checkpoint)
     state = json.loads((path / TRAINER_STATE).read_text())
-    model = ModelConfig(**{k: v for k, v in state["model"].items()})
+    model = ModelConfig(**state["model"])
     model.vocab_size = state.get("vocab_size", model.vocab_size)
     source_hf = json.loads((path / HF_CONFIG).read_text()) if (path / HF_CONFIG).exists() else None
     model_type = model_type or (source_hf or {}).get("model_type") or ("qwen3" if model.qk_norm else "qwen2" if model.qkv_bias else "llama")

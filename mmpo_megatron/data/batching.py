@@ -296,6 +296,14 @@ def collate_packed(pairs: Sequence[Pair], bins: Sequence[Sequence[int]], row_len
     )
 
 
+def pack_rows(pairs: Sequence[Pair], pack_length: int, pad_id: int, pad_to_multiple: int) -> PackedBatch:
+    """``pairs`` packed into rows of up to ``pack_length`` tokens, each only as wide as the fullest
+    row needs (rounded up to ``pad_to_multiple`` for GEMM alignment)."""
+    bins = pack_pairs(pairs, pack_length)
+    used = max(sum(pair_tokens(pairs[i]) for i in members) for members in bins)
+    return collate_packed(pairs, bins, round_up(used, pad_to_multiple), pad_id)
+
+
 def packed_causal_mask(segment_ids: Tensor) -> Tensor:
     """[R, 1, L, L] boolean mask, True = masked: causal within each sequence, nothing across."""
     same = segment_ids.unsqueeze(-1) == segment_ids.unsqueeze(-2)

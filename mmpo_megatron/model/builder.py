@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmpo_megatron.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
+from mmpo_megatron.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig, check_fp8_layer_spec
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
@@ -59,8 +59,7 @@ def transformer_config(
     dtype = resolve_dtype(precision, device)
     fp8_kwargs = {}
     if precision.fp8 is not None:
-        if model.layer_spec != "transformer_engine":
-            raise ConfigError("precision.fp8: FP8 needs model.layer_spec=transformer_engine")
+        check_fp8_layer_spec(model, precision)
         if device != "cuda" or torch.cuda.get_device_capability() < (8, 9):
             found = "no GPU" if device != "cuda" else f"a GPU of compute capability {torch.cuda.get_device_capability()}"
             raise ConfigError(f"precision.fp8: FP8 GEMMs need an Ada/Hopper/Blackwell GPU (capability >= 8.9); found {found}")

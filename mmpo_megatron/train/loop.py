@@ -23,7 +23,7 @@ from mmpo_megatron.data.batching import PairSampler
 from mmpo_megatron.data.pipeline import build_pairs, eval_sources, train_sources, write_report
 from mmpo_megatron.data.tokenizer import load_tokenizer
 from mmpo_megatron.losses import PairLogProbs, preference_loss, prior_rewards
-from mmpo_megatron.model.builder import build_model_chunks, resolve_dtype, unwrap
+from mmpo_megatron.model.builder import build_model_chunks, resolve_dtype
 from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
 from mmpo_megatron.parallel.batch_stats import normalisation_stats, reduce_metric_sums
 from mmpo_megatron.train import checkpoint as ckpt
@@ -106,7 +106,6 @@ class _Trainer:
         if self.vocab_size < len(self.tokenizer):
             raise ValueError(f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's {len(self.tokenizer)} tokens")
         chunks = self._build_chunks()
-        self.model_config = unwrap(chunks[0]).config
         self.chunks, self.optimizer = wrap_for_training(chunks, cfg.optim, resolve_dtype(cfg.precision, self.device.type))
         gbs = cfg.train.global_batch_size
         self.steps_per_epoch = len(self.train_pairs) // gbs
@@ -289,7 +288,7 @@ class _Trainer:
             lengths=[len(p) + max(len(c), len(r)) for p, c, r in zip(self.train_pairs["prompt_ids"], self.train_pairs["chosen_ids"], self.train_pairs["rejected_ids"])]
             if cfg.data.group_by_length else None,
         )
-        logger = MetricsLogger(self.out, cfg.logging, self.total_steps, enabled=self.is_rank0, run_config=_as_dict(cfg))
+        logger = MetricsLogger(self.out, cfg.logging, self.total_steps, enabled=self.is_rank0, run_config=asdict(cfg))
         logger.start_at(step)
         interval = cfg.train.eval_interval
         if interval and step == 0:
@@ -354,7 +353,7 @@ class _Trainer:
             "model": asdict(self.cfg.model),
             "vocab_size": self.vocab_size,
             "tokenizer": self.cfg.data.tokenizer,
-            "train_config": _as_dict(self.cfg),
+            "train_config": asdict(self.cfg),
         }
         path = ckpt.save_checkpoint(root, step, self.chunks, self.optimizer, state, keep_last=self.cfg.checkpoint.keep_last)
         if self.is_rank0:
@@ -376,10 +375,6 @@ def _memory_gib(device: torch.device) -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**30
-
-
-def _as_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)
 
 
 def _as_yaml(cfg: TrainConfig) -> str:

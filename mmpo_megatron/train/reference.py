@@ -19,14 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mmpo_megatron.data.batching import (
-    collate_packed,
-    collate_pairs,
-    eval_microbatches,
-    pack_pairs,
-    pair_tokens,
-    round_up,
-)
+from mmpo_megatron.data.batching import collate_pairs, eval_microbatches, pack_rows
 from mmpo_megatron.train.step import MicroBatch, score_microbatches
 
 log = logging.getLogger(__name__)
@@ -67,11 +60,7 @@ def microbatches_for(
     rows = [None if p is None else {**pairs[int(p)], "index": int(p)} for p in positions]
     micro = MicroBatch(collate_pairs(rows, pad_id, pad_to_multiple).to(device), vocab_size=vocab_size)
     if pack_length:
-        real = [r for r in rows if r is not None]
-        bins = pack_pairs(real, pack_length)
-        # Rows only as long as the fullest one needs (rounded for GEMM alignment).
-        used = max(sum(pair_tokens(real[i]) for i in members) for members in bins)
-        micro.packed = collate_packed(real, bins, round_up(used, pad_to_multiple), pad_id).to(device)
+        micro.packed = pack_rows([r for r in rows if r is not None], pack_length, pad_id, pad_to_multiple).to(device)
     return micro
 
 

@@ -25,7 +25,6 @@ from mmpo_megatron.losses import PairLogProbs, preference_loss
 from mmpo_megatron.parallel.batch_stats import MAX_PREFIX
 
 
-
 @dataclass
 class MicroBatch:
     """A micro-batch of pairs and what the loss needs besides the tokens."""
@@ -73,7 +72,7 @@ def pair_logps(
         return sums[:pairs], sums[pairs:], tokens[:pairs], tokens[pairs:]
     packed = micro.packed
     sums = packed_sequence_sums(per_token, packed)
-    tokens = packed_sequence_sums(mask.to(per_token.dtype), packed).round().long()
+    tokens = packed_sequence_sums(mask.long(), packed)
 
     def by_pair(values: Tensor, chosen: bool) -> Tensor:
         side = packed.sequence_is_chosen if chosen else ~packed.sequence_is_chosen
