@@ -203,7 +203,8 @@ def _prepare_optimizer_for_load(optimizer) -> None:
 def _fix_shared_adam_step(optimizer) -> None:
     # After load, torch Adam's per-parameter 'step' tensors are one shared, stale object on the
     # DistributedOptimizer path: a resumed run would drift from its second step. Re-create them
-    # from the param group's step.
+    # from the param group's step, on the device and in the dtype torch's load chose (the fused
+    # kernel keeps them beside the parameters, on the GPU).
     for opt in _inner_optimizers(optimizer):
         inner = getattr(opt, "optimizer", None)
         if inner is None:
@@ -214,7 +215,8 @@ def _fix_shared_adam_step(optimizer) -> None:
             for param in group["params"]:
                 state = inner.state.get(param)
                 if state is not None and "step" in state:
-                    state["step"] = torch.tensor(float(group["step"]))
+                    old = state["step"]
+                    state["step"] = torch.tensor(float(group["step"]), dtype=old.dtype, device=old.device)
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
