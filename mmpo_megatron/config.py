@@ -233,7 +233,7 @@ class ModelConfig:
 
     from_hf: str | None = None
     """An HF model folder (or a converted checkpoint): its config.json gives the shape, and the
-    fields below are ignored except layer_spec and make_vocab_size_divisible_by."""
+    fields below are ignored except layer_spec, make_vocab_size_divisible_by and fused_logprob_chunk."""
 
     num_layers: int = 2
     hidden_size: int = 64

@@ -248,3 +248,19 @@ def test_export_in_several_shards_loads_in_transformers(hf_models):
     model = AutoModelForCausalLM.from_pretrained(root / "llama3_sharded", torch_dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(hf_models["tokens"]).logits, hf_models["logits"]["llama3"], rtol=0, atol=0)
+
+
+def test_from_hf_takes_the_shape_and_keeps_our_own_knobs(hf_models):
+    """model.from_hf: the HF config gives the shape; layer spec, vocab padding and the fused head stay ours."""
+    from mmpo_megatron.config import ModelConfig
+    from mmpo_megatron.train.loop import model_from_hf
+
+    folder = str(hf_models["root"] / "llama3")
+    hf = json.loads((hf_models["root"] / "llama3" / "config.json").read_text())
+    for chunk in (0, 256):
+        ours = ModelConfig(from_hf=folder, layer_spec="local_sdpa", make_vocab_size_divisible_by=16,
+                           fused_logprob_chunk=chunk, num_layers=99)
+        got = model_from_hf(ours)
+        assert (got.from_hf, got.layer_spec, got.make_vocab_size_divisible_by, got.fused_logprob_chunk) == (
+            folder, "local_sdpa", 16, chunk)
+        assert (got.num_layers, got.hidden_size) == (hf["num_hidden_layers"], hf["hidden_size"])

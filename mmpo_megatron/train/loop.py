@@ -366,7 +366,8 @@ def model_from_hf(model: ModelConfig) -> ModelConfig:
     from mmpo_megatron.convert.llama import model_config_from_hf
 
     translated = model_config_from_hf(read_hf_config(model.from_hf), layer_spec=model.layer_spec)
-    return replace(translated, from_hf=model.from_hf, make_vocab_size_divisible_by=model.make_vocab_size_divisible_by)
+    return replace(translated, from_hf=model.from_hf, make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
+                   fused_logprob_chunk=model.fused_logprob_chunk)
 
 
 def _memory_gib(device: torch.device) -> float:
