@@ -112,6 +112,7 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
     import torch
 
     from mmpo_megatron.config import LossConfig, OptimConfig, ParallelConfig, PrecisionConfig
+    from mmpo_megatron.data.tokenizer import build_byte_tokenizer
     from mmpo_megatron.model.builder import build_model_chunks, default_pack_length, resolve_dtype, unwrap
     from mmpo_megatron.train.optimizer import wrap_for_training
     from mmpo_megatron.train.reference import microbatches_for
@@ -125,8 +126,6 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
     # The trainer's DDP and optimizer (fp32 masters, distributed optimizer) at the GPU baseline's lr and clipping.
     ddp, optimizer = wrap_for_training(chunks, OptimConfig(lr=1e-6, clip_grad=1.0), dtype)
     params = sum(p.numel() for p in unwrap(chunks[0]).parameters())
-    from mmpo_megatron.data.tokenizer import build_byte_tokenizer
-
     tokenizer = build_byte_tokenizer()
     rng = random.Random(args.seed)
     loss = LossConfig()
