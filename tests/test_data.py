@@ -230,9 +230,20 @@ def test_truncation_keeps_pairs_aligned_and_counts_drops(tmp_path, tok):
     assert first["chosen_ids"] == enc(tok, "c" * 30)[:22]  # right truncation: budget 32 - 10
     assert first["rejected_ids"] == enc(tok, "r" * 5) + [tok.eos_token_id]
     assert len(first["prompt_ids"]) + max(len(first["chosen_ids"]), len(first["rejected_ids"])) <= 32
-    # Without a prompt limit, a prompt that alone fills max_length drops the pair.
+    # Without a prompt limit the limit follows max_length: the long prompt keeps its last 8 tokens
+    # (half of 16, since the 31-token completion would take everything), the completions the other 8.
     pairs, report = prepare(path, tok, max_length=16, max_prompt_length=None)
-    assert report.dropped == {"prompt_too_long": 1} and pairs["index"] == [1]
+    assert report.dropped == {} and report.truncated_pairs == 1 and pairs["index"] == [0, 1]
+    first = pairs[0]
+    assert first["prompt_ids"] == enc(tok, "P" * 20, special=True)[-8:]
+    assert first["chosen_ids"] == enc(tok, "c" * 30)[:8]
+    assert first["rejected_ids"] == enc(tok, "r" * 5) + [tok.eos_token_id]
+    # A short completion leaves the prompt everything else.
+    short = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "Q" * 20, "chosen": "ok", "rejected": "no"}])
+    pairs, _ = prepare(short, tok, max_length=16, max_prompt_length=None)
+    completion = len(enc(tok, "ok")) + 1
+    assert pairs[0]["prompt_ids"] == enc(tok, "Q" * 20, special=True)[-(16 - completion):]
+    assert pairs[0]["chosen_ids"] == enc(tok, "ok") + [tok.eos_token_id]
 
 
 def test_mixing_by_weight(tmp_path, tok):

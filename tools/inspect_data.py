@@ -34,7 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="a data file, folder or hub name (default: the embedded demo data)")
     parser.add_argument("--split", default="train", help="split to read (default: train)")
-    parser.add_argument("--format", default="auto", help="plain, orca, ultrafeedback, conversational, nemo, auto")
+    parser.add_argument("--format", default="auto",
+                        help="auto, plain, orca, ultrafeedback, conversational, nemo, or columns (name the "
+                             "columns with a data.train override); default auto")
     parser.add_argument("--tokenizer", help="tokenizer folder or hub name (default: embedded byte-level)")
     parser.add_argument("--max-length", type=int)
     parser.add_argument("--max-prompt-length", type=int)

@@ -1,10 +1,14 @@
 #!/usr/bin/env python
 """Score preference pairs with a trained checkpoint: summed completion log-probs per pair.
 
-    python tools/score_pairs.py --checkpoint outputs/demo/checkpoints --data embedded --split test \\
-        --output scores.jsonl
+    python tools/score_pairs.py --checkpoint outputs/demo/checkpoints --output scores.jsonl
     torchrun --nproc-per-node 4 tools/score_pairs.py --checkpoint ckpt/ --reference sft_ckpt/ --tp 2 --pp 2 \\
         --data pairs.jsonl --tokenizer /models/tok --output scores.jsonl
+
+Without ``--split`` a source's held-out split is scored where it has one (embedded: test; a saved
+dataset: test or test_prefs), and a local file is scored whole; the output says which split.
+``--max-length`` alone makes the prompt limit follow it (docs/data.md); without either flag both
+limits are the training run's.
 
 Writes one JSON object per kept pair, in input order: ``{"index", "chosen_logps", "rejected_logps"}``
 (+ ``ref_chosen_logps``, ``ref_rejected_logps`` and ``implicit_reward_correct`` with
@@ -28,8 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="a step_NNNNNNN folder, or a checkpoints/run folder (newest)")
     p.add_argument("--reference", help="reference checkpoint, for implicit rewards")
     p.add_argument("--data", default="embedded", help="data file/folder/hub name (default: embedded)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--format", default="auto")
+    p.add_argument("--split", help="default: the held-out split where the data has one, else all of it")
+    p.add_argument("--format", default="auto",
+                   help="auto, plain, orca, ultrafeedback, conversational or nemo (default: auto)")
     p.add_argument("--tokenizer", help="default: the one the checkpoint was trained with")
     p.add_argument("--max-length", type=int, help="default: the training config's")
     p.add_argument("--max-prompt-length", type=int)
@@ -47,7 +52,7 @@ def score_pairs(args: argparse.Namespace) -> dict | None:
     from megatron.core import parallel_state as ps
 
     from mmpo_megatron.config import DataConfig, DataSourceConfig, ModelConfig, ParallelConfig, PrecisionConfig
-    from mmpo_megatron.data.pipeline import build_pairs
+    from mmpo_megatron.data.pipeline import build_pairs, held_out_split
     from mmpo_megatron.data.tokenizer import load_tokenizer
     from mmpo_megatron.model.builder import build_model_chunks
     from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
@@ -61,11 +66,16 @@ def score_pairs(args: argparse.Namespace) -> dict | None:
     parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp, device=args.device)
     layout = initialize_parallel(parallel)
     try:
+        split = args.split or held_out_split(args.data)
+        if args.max_length is None and args.max_prompt_length is None:  # the limits the model was trained with
+            max_length, max_prompt_length = data_cfg.get("max_length", 2312), data_cfg.get("max_prompt_length")
+        else:  # a prompt limit not given follows the given max_length
+            max_length, max_prompt_length = args.max_length or data_cfg.get("max_length", 2312), args.max_prompt_length
         data = DataConfig(
-            train=[DataSourceConfig(path=args.data, split=args.split, format=args.format)],
+            train=[DataSourceConfig(path=args.data, split=split, format=args.format)],
             tokenizer=args.tokenizer or state.get("tokenizer", "embedded"),
-            max_length=args.max_length or data_cfg.get("max_length", 2312),
-            max_prompt_length=args.max_prompt_length or data_cfg.get("max_prompt_length"),
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
             pad_to_multiple=data_cfg.get("pad_to_multiple", 16),
         )
         tokenizer = load_tokenizer(data.tokenizer)
@@ -99,10 +109,11 @@ def score_pairs(args: argparse.Namespace) -> dict | None:
                         )
                         correct += record["implicit_reward_correct"]
                     handle.write(json.dumps(record) + "\n")
-            summary = {"pairs": len(pairs), "output": str(out), "data_report": report.to_json()}
+            summary = {"pairs": len(pairs), "data": args.data, "split": split, "output": str(out),
+                       "data_report": report.to_json()}
             if reference is not None:
                 summary["implicit_reward_accuracy"] = correct / max(len(pairs), 1)
-            print(f"scored {len(pairs)} pairs ({report.summary()}) -> {out}")
+            print(f"scored {len(pairs)} pairs of {args.data} (split {split!r}; {report.summary()}) -> {out}")
             if reference is not None:
                 print(f"implicit-reward accuracy vs reference: {summary['implicit_reward_accuracy']:.4f}")
         dist.barrier()
@@ -116,12 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from mmpo_megatron.config import ConfigError
     from mmpo_megatron.data.formats import DataError
+    from mmpo_megatron.train.checkpoint import DamagedCheckpointError
 
     from mmpo_megatron.parallel import destroy_parallel
 
     try:
         score_pairs(args)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, DamagedCheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

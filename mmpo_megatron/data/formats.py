@@ -25,7 +25,7 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
 
 BAD_ROW_REASONS = ("invalid_field", "empty_prompt", "empty_completion", "no_assistant_reply", "prompt_mismatch")
 """Drop reasons that mean the row itself is malformed (``data.on_bad_row`` decides: skip or fail).
-``prompt_too_long`` is not among them: it is a limit, not an error."""
+Length limits never drop a pair: prompts and completions are truncated instead."""
 
 
 

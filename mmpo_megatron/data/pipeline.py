@@ -144,6 +144,18 @@ def _ids(encoded: Any) -> list[int]:
     return list(encoded)
 
 
+def prompt_token_limit(max_length: int, max_prompt_length: int | None, longest_completion: int) -> int:
+    """How many prompt tokens a pair keeps (its last ones).
+
+    An explicit ``max_prompt_length`` is the limit. Unset, the limit follows ``max_length``: the
+    prompt is cut only as far as the longer completion needs to fit, and a long completion claims
+    at most half of ``max_length`` from it.
+    """
+    if max_prompt_length is not None:
+        return max_prompt_length
+    return max_length - max(1, min(longest_completion, max_length // 2))
+
+
 class PairTokeniser:
     """Turns a normalised row into prompt and completion token ids, truncated to the limits."""
 
@@ -187,11 +199,10 @@ class PairTokeniser:
         out["identical"] = chosen == rejected
 
         truncated = False
-        if self.max_prompt_length is not None and len(prompt) > self.max_prompt_length:
-            prompt, truncated = prompt[-self.max_prompt_length:], True  # keep the end: the question
-        budget = self.max_length - len(prompt)
-        if budget < 1:
-            return {**out, "drop_reason": "prompt_too_long", "error": f"prompt has {len(prompt)} tokens, max_length is {self.max_length}"}
+        prompt_limit = prompt_token_limit(self.max_length, self.max_prompt_length, max(len(chosen), len(rejected)))
+        if len(prompt) > prompt_limit:
+            prompt, truncated = prompt[-prompt_limit:], True  # keep the end: the question
+        budget = self.max_length - len(prompt)  # >= 1: prompt_token_limit leaves room
         if len(chosen) > budget or len(rejected) > budget:
             chosen, rejected, truncated = chosen[:budget], rejected[:budget], True
         if not chosen or not rejected:
@@ -265,6 +276,32 @@ def build_pairs(
         prepared, probabilities=[w / sum(weights) for w in weights], seed=config.seed, stopping_strategy="all_exhausted"
     )
     return mixed, report
+
+
+HELD_OUT_SPLITS = ("test", "test_prefs")
+"""Held-out split names, in order of preference (the paper's sets use ``test_prefs``)."""
+
+
+def held_out_split(path: str) -> str:
+    """The split to score when none is given: a source's held-out split where it has one
+    (embedded: ``test``; a saved DatasetDict or hub set: ``test``/``test_prefs``), else the whole
+    source (a local file, or a folder of files, is one ``train`` split)."""
+    if path == EMBEDDED_DATA:
+        return "test"
+    local = Path(path).expanduser()
+    if (local / "dataset_dict.json").is_file():
+        splits = json.loads((local / "dataset_dict.json").read_text()).get("splits", [])
+    elif local.exists():
+        return "train"
+    else:
+        try:
+            splits = datasets.get_dataset_split_names(path)
+        except Exception:  # offline or unknown: the loader will say what is wrong
+            return "test"
+    held_out = [s for s in HELD_OUT_SPLITS if s in splits]
+    if held_out:
+        return held_out[0]
+    return "train" if "train" in splits or not splits else splits[0]
 
 
 def train_sources(config: DataConfig) -> list[DataSourceConfig]:
