@@ -6,8 +6,8 @@ SmolLM2) into a megatron dist checkpoint the trainer loads at any TP/PP.
     torchrun ... examples/train_mmpo.py model=from_hf model.from_hf=ckpt/llama1b \\
         checkpoint.load_weights=ckpt/llama1b data.tokenizer=ckpt/llama1b/tokenizer
 
-Reads safetensors one tensor at a time (an 8B model converts in well under twice its size in RAM
-with --dtype bf16). The output holds the weights, hf_config.json, trainer_state.json (the model
+Reads safetensors one tensor at a time (an 8B bf16 model converts in well under twice its size in
+RAM). --dtype auto (the default) keeps the dtype the HF config states. The output holds the weights, hf_config.json, trainer_state.json (the model
 config) and tokenizer/. --tp/--pp only check the model splits that way: the checkpoint reshards
 on load. Exit code 2 with a message on unsupported or broken input; no output folder is left.
 """
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="new folder for the megatron checkpoint")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto (default): the dtype the HF config states (fp16 or none stated: fp32, exact)")
     p.add_argument("--layer-spec", default="local", choices=["local", "local_sdpa", "transformer_engine"])
     args = p.parse_args(argv)
 

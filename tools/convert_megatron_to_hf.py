@@ -20,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a step folder, a checkpoints folder or a run folder")
     p.add_argument("--output", required=True, help="new folder for the HF model")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto (default): the dtype the trained parameters were saved in; bf16 on fp32 weights "
+                        "warns with the log-prob change")
     p.add_argument("--model-type", choices=["llama", "mistral", "qwen2", "qwen3"],
                    help="default: the source HF config's, else inferred from the model shape")
     args = p.parse_args(argv)

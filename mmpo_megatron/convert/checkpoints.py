@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict
+import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -88,8 +89,50 @@ def _single_process_chunks(model: ModelConfig, dtype: str, vocab_size: int):
 
     if not ps.model_parallel_is_initialized():
         initialize_parallel(ParallelConfig(device="cpu"))
-    return build_model_chunks(model, ParallelConfig(device="cpu"), PrecisionConfig(dtype=dtype), vocab_size=vocab_size,
-                              device="cpu", initialize=False)
+    # The output layer stays a layer (no fused head): the narrowing check runs plain forwards.
+    return build_model_chunks(replace(model, fused_logprob_chunk=0), ParallelConfig(device="cpu"),
+                              PrecisionConfig(dtype=dtype), vocab_size=vocab_size, device="cpu", initialize=False)
+
+
+DTYPES = ("auto", "bf16", "fp32")
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def hf_weight_dtype(hf: dict[str, Any]) -> str:
+    """The dtype an HF folder's weights are in, from its config (``torch_dtype``, or ``dtype`` in
+    transformers 5). fp16 and an unstated dtype map to fp32, which holds them exactly (bf16 would
+    round fp16's mantissa)."""
+    stated = str(hf.get("torch_dtype") or hf.get("dtype") or "float32").replace("torch.", "")
+    return "bf16" if stated == "bfloat16" else "fp32"
+
+
+def saved_weight_dtype(checkpoint: Path) -> str:
+    """The dtype the trained parameters were saved in, read from the dist checkpoint's metadata."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(checkpoint))
+    found = {t.dtype for key, t in meta.items() if not key.startswith("optimizer") and key.endswith("weight")}
+    return "fp32" if torch.float32 in found or not found else "bf16"
+
+
+def _rounding_logprob_change(chunk: torch.nn.Module, vocab_size: int, sequences: int = 4, length: int = 32) -> float:
+    """The largest change of a summed sequence log-prob when the weights are rounded to bf16
+    (fp32 arithmetic, seeded random token sequences); rounds the weights in place."""
+    from mmpo_megatron.model.builder import unwrap
+
+    gpt = unwrap(chunk)
+    tokens = torch.randint(0, vocab_size, (sequences, length + 1), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(length).expand(sequences, -1)
+
+    def summed_logps() -> torch.Tensor:
+        logits = gpt(tokens[:, :-1], positions, None)[..., :vocab_size].double()
+        return logits.log_softmax(-1).gather(-1, tokens[:, 1:, None]).sum((1, 2))
+
+    with torch.no_grad():
+        before = summed_logps()
+        for param in gpt.parameters():
+            param.copy_(param.to(torch.bfloat16))
+        return float((summed_logps() - before).abs().max())
 
 
 def _progress(total: int, desc: str):
@@ -99,15 +142,21 @@ def _progress(total: int, desc: str):
 
 
 def convert_hf_to_megatron(
-    hf_dir: str | Path, output: str | Path, *, dtype: str = "bf16", layer_spec: str = "local", tp: int = 1, pp: int = 1
+    hf_dir: str | Path, output: str | Path, *, dtype: str = "auto", layer_spec: str = "local", tp: int = 1, pp: int = 1
 ) -> Path:
-    """Write a megatron dist checkpoint (plus model config and tokenizer) from an HF folder."""
+    """Write a megatron dist checkpoint (plus model config and tokenizer) from an HF folder.
+
+    ``dtype="auto"`` keeps the dtype the HF weights are in (hf_weight_dtype); bf16/fp32 force one.
+    """
     from mmpo_megatron.model.builder import padded_vocab_size, unwrap, validate_layout
     from mmpo_megatron.train.checkpoint import save_to
 
     hf_dir, output = Path(hf_dir), Path(output)
     hf = read_hf_config(hf_dir)
     model = model_config_from_hf(hf, layer_spec=layer_spec)
+    source_dtype = hf_weight_dtype(hf)
+    dtype = source_dtype if dtype == "auto" else dtype
+    print(f"weights: {dtype} (the HF config states {hf.get('torch_dtype') or hf.get('dtype') or 'no dtype'})", flush=True)
     # The checkpoint itself is layout-free; --tp/--pp only check that the model splits that way.
     validate_layout(model, ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
     padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
@@ -146,9 +195,13 @@ def convert_hf_to_megatron(
     return output
 
 
-def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype: str = "bf16",
+def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype: str = "auto",
                            model_type: str | None = None, shard_bytes: int = 5 * 2**30) -> Path:
-    """Write safetensors shards, config.json and the tokenizer from a (trainer or converted) checkpoint."""
+    """Write safetensors shards, config.json and the tokenizer from a (trainer or converted) checkpoint.
+
+    ``dtype="auto"`` keeps the dtype the trained parameters were saved in; forcing bf16 onto fp32
+    weights warns with the log-prob change the rounding causes.
+    """
     from safetensors.torch import save_file
 
     from mmpo_megatron.model.builder import unwrap
@@ -163,11 +216,21 @@ def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype:
     output = Path(output)
     if output.exists():
         raise ConversionError(f"{output} already exists; choose a new output folder")
-    # Load in the export dtype: one copy of the weights in RAM, plus one shard being written.
-    chunks = _single_process_chunks(model, dtype, model.vocab_size)
+    saved = saved_weight_dtype(path)
+    dtype = saved if dtype == "auto" else dtype
+    narrowing = saved == "fp32" and dtype == "bf16"
+    print(f"export dtype: {dtype} (the checkpoint's weights are {saved})", flush=True)
+    # Load in the export dtype (in the saved one when narrowing, to measure the rounding): one copy
+    # of the weights in RAM, plus one shard being written.
+    chunks = _single_process_chunks(model, saved if narrowing else dtype, model.vocab_size)
     load_weights(path, chunks)  # any saved TP/PP layout; optimizer state is not read
+    if narrowing:
+        change = _rounding_logprob_change(chunks[0], model.vocab_size)
+        print(f"warning: --dtype bf16 rounds this checkpoint's fp32 weights: summed log-probs of 4 random 32-token "
+              f"sequences move by up to {change:.3g} nats (a fine-tune's small updates can vanish); "
+              f"--dtype auto keeps fp32", file=sys.stderr, flush=True)
     weights = {k: v for k, v in unwrap(chunks[0]).state_dict().items() if not k.endswith("_extra_state")}
-    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    torch_dtype = _TORCH_DTYPES[dtype]
     tmp = output.with_name(output.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -213,13 +276,12 @@ def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype:
 
 def run_cli(convert: Callable[[], Path]) -> int:
     """Run a conversion for a command-line tool: exit code 2 with the message on bad input."""
-    import sys
-
     from mmpo_megatron.parallel import destroy_parallel
+    from mmpo_megatron.train.checkpoint import DamagedCheckpointError
 
     try:
         out = convert()
-    except (ConfigError, ConversionError, FileNotFoundError) as exc:
+    except (ConfigError, ConversionError, DamagedCheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

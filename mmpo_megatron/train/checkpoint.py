@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 TRAINER_STATE = "trainer_state.json"
+# Every file of a complete checkpoint with its size, written just before TRAINER_STATE marks the
+# folder complete: a truncated or missing file is found before megatron's loader meets it.
+MANIFEST = "manifest.json"
 # The DistributedOptimizer's default sharding (fully_sharded_model_space) fails on this path
 # ("flattened_range is not supported"); fully_reshardable fails with KeyError 'step'.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -44,19 +47,70 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
+class DamagedCheckpointError(RuntimeError):
+    """A checkpoint's files do not match what was recorded when it was saved."""
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def checkpoint_damage(path: str | Path) -> str | None:
+    """What is wrong with a checkpoint's files against its manifest (None: intact, or no manifest to check)."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        return None  # saved before manifests existed: nothing to compare with
+    try:
+        expected = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        return f"{MANIFEST} is unreadable"
+    found = _file_sizes(path)
+    for name, size in expected.items():
+        if name not in found:
+            return f"{name} is missing"
+        if found[name] != size:
+            return f"{name} has {found[name]} bytes, {size} were saved"
+    return None
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
+    """The newest complete checkpoint, or None (damage is not checked: see latest_intact_checkpoint)."""
     found = complete_checkpoints(root)
     return found[-1] if found else None
 
 
+def latest_intact_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint whose files match its manifest, warning about each newer damaged one.
+
+    None when there is no complete checkpoint; DamagedCheckpointError, naming every one, when all are damaged.
+    """
+    found = complete_checkpoints(root)
+    damaged = []
+    for path in reversed(found):
+        problem = checkpoint_damage(path)
+        if problem is None:
+            for bad in damaged:
+                log.warning("checkpoint %s is damaged (%s); using the newest intact one, %s", bad[0], bad[1], path.name)
+            return path
+        damaged.append((path, problem))
+    if damaged:
+        listing = "; ".join(f"{p} ({problem})" for p, problem in damaged)
+        raise DamagedCheckpointError(f"every checkpoint under {root} is damaged: {listing}. Move them aside to start "
+                                     f"afresh, or pass checkpoint.resume=false")
+    return None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run/checkpoints folder (its newest complete checkpoint)."""
+    """A checkpoint folder, or a run/checkpoints folder (its newest intact checkpoint)."""
     path = Path(path)
     if (path / TRAINER_STATE).exists() or (path / "metadata.json").exists():
+        problem = checkpoint_damage(path)
+        if problem is not None:
+            raise DamagedCheckpointError(f"checkpoint {path} is damaged: {problem}")
         return path
     for candidate in (path, path / "checkpoints"):
-        newest = latest_checkpoint(candidate)
+        newest = latest_intact_checkpoint(candidate)
         if newest is not None:
             return newest
     raise FileNotFoundError(f"no complete checkpoint at {path} (expected step_NNNNNNN folders with {TRAINER_STATE})")
@@ -129,6 +183,7 @@ def save_to(final: Path, chunks: Sequence[torch.nn.Module], optimizer, trainer_s
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
+        (tmp / MANIFEST).write_text(json.dumps(_file_sizes(tmp), indent=1))
         (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "world_size": dist.get_world_size()}, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -158,7 +213,11 @@ def load_checkpoint(path: str | Path, chunks: Sequence[torch.nn.Module], optimiz
     if optimizer is not None and same_layout:
         _prepare_optimizer_for_load(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
-    loaded = dist_checkpointing.load(state, str(path))
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except Exception as exc:  # megatron raises several types; which folder failed is what matters
+        raise DamagedCheckpointError(f"checkpoint {path} could not be loaded ({type(exc).__name__}: {exc}); move it "
+                                     f"aside to resume from the one before it") from exc
     _load_model_state(chunks, loaded)
     if optimizer is not None:
         if same_layout:
