@@ -6,9 +6,11 @@
         checkpoint.load_weights=/ckpt/llama3_2_1b_sft train.output_dir=outputs/llama1b_mmpo
     torchrun --nproc-per-node 2 examples/train_mmpo.py --config-name train_demo   # CPU demo
 
-Config groups live in configs/ (model, loss, parallel, optim, data); any key can be overridden
-on the command line. The composed config is validated against mmpo_megatron.config.TrainConfig
-before anything heavy starts: unknown keys and bad values fail with the field's name.
+Config groups live in configs/ (model, loss, parallel, optim, data) on top of the schema
+mmpo_megatron.config.TrainConfig, so every field can be overridden on the command line. Before
+anything heavy starts, the HF shape of model=from_hf is read and the whole config is checked
+against the world size and this machine: a bad key or value exits with code 2 and one
+``config error:`` line that names it.
 """
 
 from __future__ import annotations
@@ -23,38 +25,46 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from mmpo_megatron.config import ConfigError, TrainConfig  # noqa: E402
+from mmpo_megatron.config import ConfigError, TrainConfig, register_hydra_schema  # noqa: E402
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+register_hydra_schema()
 
 
-def resolve_config(cfg: DictConfig) -> tuple[TrainConfig, str]:
-    """The typed, validated TrainConfig and its YAML; raises ConfigError naming the bad key."""
+def resolve_config(cfg: DictConfig) -> TrainConfig:
+    """The typed, validated TrainConfig; raises ConfigError naming the bad or missing key."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
-        return OmegaConf.to_object(merged), OmegaConf.to_yaml(merged, resolve=True)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{missing[0]}: required and not given" + (f" (also {', '.join(missing[1:])})" if missing[1:] else ""))
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else exc
-        raise ConfigError(str(cause).strip()) from None
+        cause = exc
+        while cause is not None and not isinstance(cause, ConfigError):  # ours, raised inside OmegaConf
+            cause = cause.__cause__ or cause.__context__
+        raise ConfigError(str(cause or exc).strip()) from None
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train_mmpo")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry: validate, then train."""
+    """Hydra entry: resolve the config, then train (which checks it first)."""
     import os
 
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # per-bucket parameter listings
+    from mmpo_megatron.train.checkpoint import DamagedCheckpointError
+    from mmpo_megatron.train.loop import run_training
+
     try:
-        train_config, yaml = resolve_config(cfg)
-        train_config.validate_for_world(int(os.environ.get("WORLD_SIZE", "1")))
+        run_training(resolve_config(cfg))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)
-    from mmpo_megatron.train.loop import run_training
-
-    run_training(train_config, config_yaml=yaml)
+    except DamagedCheckpointError as exc:
+        print(f"checkpoint error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # required: dist_checkpointing spawns a Manager that re-imports this file

@@ -169,8 +169,11 @@ class DataConfig:
     max_length: int = 2312
     """Prompt + completion token limit (paper: 2312)."""
 
-    max_prompt_length: int | None = 1800
-    """Prompts longer than this keep their last tokens (paper: 1800); None: only max_length applies."""
+    max_prompt_length: int | None = None
+    """A cap on prompt tokens (prompts keep their last tokens). None (the default) follows
+    ``max_length``: ``max_length - min(longer completion, max_length // 2)``, i.e. a prompt is cut
+    only as far as the pair needs to fit, and a long completion claims at most half the budget
+    (docs/data.md). The paper's recipes set 1800 of 2312 explicitly."""
 
     pad_to_multiple: int = 16
     """Micro-batches pad to a multiple of this (FP8 GEMMs need 16)."""
@@ -204,7 +207,7 @@ class DataConfig:
         _require(
             self.max_prompt_length is None or 1 <= self.max_prompt_length < self.max_length,
             "data.max_prompt_length",
-            f"must be in [1, max_length={self.max_length}), got {self.max_prompt_length}",
+            f"must be in [1, max_length={self.max_length}), got {self.max_prompt_length} (null lets it follow max_length)",
         )
         _require(self.pad_to_multiple >= 1, "data.pad_to_multiple", f"must be >= 1, got {self.pad_to_multiple}")
         _require(self.on_bad_row in ("skip", "error"), "data.on_bad_row", f"must be 'skip' or 'error', got {self.on_bad_row!r}")
@@ -248,10 +251,11 @@ class ModelConfig:
     """Head dim; None means hidden / heads."""
 
     vocab_size: int | None = None
-    """None takes the tokenizer's length; padded up to make_vocab_size_divisible_by x TP."""
+    """None takes the tokenizer's length; padded up to a multiple of make_vocab_size_divisible_by."""
 
     make_vocab_size_divisible_by: int = 128
-    """Vocab padding unit (before the TP factor), as in Megatron-LM."""
+    """Vocab padding unit. Unlike Megatron-LM it is not multiplied by TP, so a checkpoint has the same
+    shape at every TP size; TP must divide the padded vocabulary (checked at start-up)."""
 
     max_position_embeddings: int = 4096
     position_embedding: str = "rope"
@@ -345,6 +349,31 @@ class PrecisionConfig:
         )
 
 
+def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """Check that the model shape splits over the parallel layout; errors name the field."""
+    tp, pp, vpp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.virtual_pipeline or 1
+    _require(model.num_attention_heads % tp == 0, "parallel.tensor_parallel",
+             f"{tp} must divide model.num_attention_heads={model.num_attention_heads}")
+    _require(model.query_groups % tp == 0, "parallel.tensor_parallel",
+             f"{tp} must divide model.num_query_groups={model.query_groups}")
+    _require(model.num_layers % (pp * vpp) == 0, "parallel.pipeline_parallel",
+             f"pipeline_parallel x virtual_pipeline = {pp} x {vpp} must divide model.num_layers={model.num_layers}")
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """Vocab rounded up to a multiple of ``divisible_by``, which TP must divide.
+
+    Megatron-LM pads to ``divisible_by x TP``, so its checkpoints change shape with TP. Padding
+    independent of TP keeps every checkpoint loadable at every TP; padding columns never enter
+    the log-probs (``logprobs`` masks them), so the padding amount changes no number.
+    """
+    padded = -(-vocab_size // divisible_by) * divisible_by
+    _require(padded % tensor_parallel == 0, "model.make_vocab_size_divisible_by",
+             f"{divisible_by} gives a vocab of {padded}, which tensor_parallel={tensor_parallel} does not divide; "
+             f"use a multiple of {tensor_parallel}")
+    return padded
+
+
 def check_fp8_layer_spec(model: ModelConfig, precision: PrecisionConfig) -> None:
     """FP8 GEMMs come from Transformer Engine's layers: ``precision.fp8`` needs their layer spec."""
     if precision.fp8 is not None:
@@ -421,6 +450,11 @@ class TrainerConfig:
 
     output_dir: str = "outputs/mmpo"
     """Run folder: resolved config, data report, checkpoints, TensorBoard events, metrics.jsonl."""
+
+    overwrite_output_dir: bool = False
+    """Start afresh: delete what an earlier run wrote to output_dir (checkpoints, metrics, events,
+    its reference cache) instead of resuming from it. False, so a real run resumes after a crash;
+    the demo sets it, so every ``make demo`` shows the whole run."""
 
     max_nonfinite_steps: int = 5
     """Abort after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
@@ -542,6 +576,28 @@ class TrainConfig:
             f"{self.train.global_batch_size} is not divisible by micro_batch_size x data_parallel = "
             f"{self.train.micro_batch_size} x {dp}",
         )
-        from mmpo_megatron.model.builder import validate_layout
-
         validate_layout(self.model, self.parallel)
+
+
+HYDRA_SCHEMA = "train_schema"
+"""The name configs/train_mmpo.yaml lists first in its defaults: TrainConfig as the schema."""
+
+
+def _required(key: str):
+    raise ConfigError(f"{key}: required by the chosen preset and not given; pass {key}=...")
+
+
+def register_hydra_schema() -> None:
+    """Register TrainConfig with Hydra's ConfigStore as the schema the YAML files extend.
+
+    Every field then exists on the command line with its default and type (``data.packing=true``
+    works on any preset; ``train.global_batch_size=abc`` fails at composition). A preset marks a key
+    the user must give as ``${required:KEY}``: a bare ``???`` merged onto a schema default would
+    silently keep the default.
+    """
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("required"):
+        OmegaConf.register_new_resolver("required", _required)
+    ConfigStore.instance().store(name=HYDRA_SCHEMA, node=TrainConfig)

@@ -253,7 +253,7 @@ def test_export_in_several_shards_loads_in_transformers(hf_models):
 def test_from_hf_takes_the_shape_and_keeps_our_own_knobs(hf_models):
     """model.from_hf: the HF config gives the shape; layer spec, vocab padding and the fused head stay ours."""
     from mmpo_megatron.config import ModelConfig
-    from mmpo_megatron.train.loop import model_from_hf
+    from mmpo_megatron.train.preflight import model_from_hf
 
     folder = str(hf_models["root"] / "llama3")
     hf = json.loads((hf_models["root"] / "llama3" / "config.json").read_text())

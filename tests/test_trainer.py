@@ -267,37 +267,88 @@ def test_reference_modes_agree_and_tp2_checkpoint_scores_equally_at_tp1(tmp_path
 # ------------------------------------------------------------------------------------------ non-finite steps
 
 
-def nonfinite_runs(root, bad_steps):
+def training_state(trainer):
+    """Every number a skipped step must leave alone: parameters, and per parameter shard the
+    optimizer's fp32 master copy and Adam state."""
+    params = {n: p.detach().clone() for chunk in trainer.chunks for n, p in chunk.named_parameters()}
+    optimizer = []
+    for inner in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+        torch_opt = inner.optimizer
+        for group in torch_opt.param_groups:
+            for param in group["params"]:
+                optimizer.append(param.detach().clone())
+                optimizer.extend(v.clone() for _, v in sorted(torch_opt.state.get(param, {}).items()) if torch.is_tensor(v))
+    return {"params": params, "optimizer": optimizer}
+
+
+def nonfinite_runs(root, bad_steps, poisoned_dp_rank=None, steps=3):
+    """A run whose loss is NaN at ``bad_steps`` (on every DP rank, or one); the state after each step."""
+    from megatron.core import parallel_state as ps
+
     from mmpo_megatron.train import loop, step
 
-    original = step.preference_loss
+    original_loss, original_log = step.preference_loss, loop._Trainer._log
     calls = {"n": 0}
+    snapshots = {}
 
     def poisoned(config, logps, **kw):
-        loss, metrics = original(config, logps, **kw)
+        loss, metrics = original_loss(config, logps, **kw)
         calls["n"] += 1
-        # 4 micro-batches per step at global batch 8 / micro 2: calls 4k+1..4k+4 are step k+1.
-        if (calls["n"] - 1) // 4 + 1 in bad_steps:
+        per_step = 8 // (2 * ps.get_data_parallel_world_size())  # global batch 8, micro-batch 2
+        bad_rank = poisoned_dp_rank is None or ps.get_data_parallel_rank() == poisoned_dp_rank
+        if (calls["n"] - 1) // per_step + 1 in bad_steps and bad_rank:
             loss = loss * float("nan")
         return loss, metrics
 
-    step.preference_loss = poisoned
+    def log_and_snapshot(self, logger, at_step, split, metrics):
+        if split == "train":
+            snapshots[at_step] = training_state(self)
+        original_log(self, logger, at_step, split, metrics)
+
+    step.preference_loss, loop._Trainer._log = poisoned, log_and_snapshot
+    cfg = make_config(Path(root), steps=steps, optim=OptimConfig(lr=1e-2, warmup_ratio=0.34, decay_style="cosine", adam_eps=1e-4),
+                      train=TrainerConfig(global_batch_size=8, micro_batch_size=2, max_steps=steps, eval_interval=0,
+                                          output_dir=str(root), max_nonfinite_steps=2))
     try:
-        return {"records": train_records(make_config(Path(root), steps=4,
-                                                     train=TrainerConfig(global_batch_size=8, micro_batch_size=2, max_steps=4,
-                                                                         eval_interval=0, output_dir=str(root),
-                                                                         max_nonfinite_steps=2)))}
+        return {"records": train_records(cfg), "snapshots": snapshots}
     except loop.NonFiniteAbort as exc:
         return {"abort": str(exc)}
+    finally:
+        step.preference_loss, loop._Trainer._log = original_loss, original_log
 
 
-def test_nonfinite_steps_are_skipped_then_abort(tmp_path):
-    result = run_on_ranks(nonfinite_runs, 1, str(tmp_path / "one"), {2})[0]
-    train = {r["step"]: r for r in result["records"] if r["split"] == "train"}
-    assert math.isnan(train[2]["grad_norm"]) and train[2]["skipped_steps"] == 1
-    assert all(not math.isnan(train[s]["loss"]) for s in (1, 3, 4))
-    result = run_on_ranks(nonfinite_runs, 1, str(tmp_path / "two"), {2, 3})[0]
-    assert "2 consecutive steps had a non-finite loss or gradient (last at step 3)" in result["abort"]
+def nonfinite_cases(root):
+    root = Path(root)
+    return {"clean": nonfinite_runs(root / "clean", set()), "all_ranks": nonfinite_runs(root / "all", {2}),
+            "one_rank": nonfinite_runs(root / "one", {2}, poisoned_dp_rank=1),
+            "abort": nonfinite_runs(root / "abort", {2, 3}, steps=4)}
+
+
+def assert_same_state(a, b, what):
+    assert a["params"].keys() == b["params"].keys()
+    for name in a["params"]:
+        assert torch.equal(a["params"][name], b["params"][name]), (what, name)
+    assert len(a["optimizer"]) == len(b["optimizer"]) > 0
+    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"], b["optimizer"])), what
+
+
+def test_nonfinite_step_is_skipped_exactly_then_abort(tmp_path):
+    """At DP=2 with the distributed optimizer, a NaN loss on every rank or on one DP rank only: the
+    update is skipped on all ranks, weights and optimizer state stay bitwise as before the step, the
+    learning-rate schedule stays aligned with the step count, and two in a row abort."""
+    ranks = run_on_ranks(nonfinite_cases, 2, str(tmp_path))
+    clean_records = {r["step"]: r for r in ranks[0]["clean"]["records"]}
+    for case in ("all_ranks", "one_rank"):
+        train = {r["step"]: r for r in ranks[0][case]["records"]}
+        assert math.isnan(train[2]["grad_norm"]) and train[2]["skipped_steps"] == 1, case
+        assert not math.isnan(train[3]["loss"]) and not math.isnan(train[3]["grad_norm"]), case
+        assert [train[s]["lr"] for s in (1, 2, 3)] == [clean_records[s]["lr"] for s in (1, 2, 3)], case
+        for rank in ranks:  # each rank's parameters and its shard of the optimizer state
+            snaps, clean = rank[case]["snapshots"], rank["clean"]["snapshots"]
+            assert_same_state(snaps[1], clean[1], (case, "step 1 as in the clean run"))
+            assert_same_state(snaps[2], snaps[1], (case, "skipped step 2 changed nothing"))
+    assert len({clean_records[s]["lr"] for s in (1, 2, 3)}) == 3  # the schedule moves, so equal lrs mean something
+    assert "2 consecutive steps had a non-finite loss or gradient (last at step 3)" in ranks[0]["abort"]["abort"]
 
 
 # ------------------------------------------------------------------------------------------ config checks, demo, GPU

@@ -10,23 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmpo_megatron.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig, check_fp8_layer_spec
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
-    """Vocab rounded up to a multiple of ``divisible_by``, which TP must divide.
-
-    Megatron-LM pads to ``divisible_by x TP``, so its checkpoints change shape with TP. Padding
-    independent of TP keeps every checkpoint loadable at every TP; padding columns never enter
-    the log-probs (``logprobs`` masks them), so the padding amount changes no number.
-    """
-    padded = -(-vocab_size // divisible_by) * divisible_by
-    if padded % tensor_parallel:
-        raise ConfigError(
-            f"model.make_vocab_size_divisible_by: {divisible_by} gives a vocab of {padded}, which "
-            f"tensor_parallel={tensor_parallel} does not divide; use a multiple of {tensor_parallel}"
-        )
-    return padded
+from mmpo_megatron.config import (  # noqa: F401  (padded_vocab_size, validate_layout: re-exported)
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    check_fp8_layer_spec,
+    padded_vocab_size,
+    validate_layout,
+)
 
 
 def resolve_dtype(precision: PrecisionConfig, device: str) -> torch.dtype:
@@ -36,18 +28,24 @@ def resolve_dtype(precision: PrecisionConfig, device: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision.dtype]
 
 
-def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
-    """Check that the model shape splits over the parallel layout; errors name the field."""
-    tp, pp, vpp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.virtual_pipeline or 1
-    if model.num_attention_heads % tp:
-        raise ConfigError(f"parallel.tensor_parallel: {tp} must divide model.num_attention_heads={model.num_attention_heads}")
-    if model.query_groups % tp:
-        raise ConfigError(f"parallel.tensor_parallel: {tp} must divide model.num_query_groups={model.query_groups}")
-    if model.num_layers % (pp * vpp):
+def _require_transformer_engine() -> None:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception as exc:
         raise ConfigError(
-            f"parallel.pipeline_parallel: pipeline_parallel x virtual_pipeline = {pp} x {vpp} must divide "
-            f"model.num_layers={model.num_layers}"
-        )
+            "model.layer_spec: transformer_engine needs Transformer Engine (pip install mmpo-megatron[te], "
+            f"or an NGC PyTorch image): {exc}"
+        ) from exc
+
+
+def check_runtime_support(model: ModelConfig, precision: PrecisionConfig, device: str) -> None:
+    """What this machine must provide for the config (TE for its layer spec, an FP8-capable GPU)."""
+    check_fp8_layer_spec(model, precision)
+    if model.layer_spec == "transformer_engine":
+        _require_transformer_engine()
+    if precision.fp8 is not None and (device != "cuda" or torch.cuda.get_device_capability() < (8, 9)):
+        found = "no GPU" if device != "cuda" else f"a GPU of compute capability {torch.cuda.get_device_capability()}"
+        raise ConfigError(f"precision.fp8: FP8 GEMMs need an Ada/Hopper/Blackwell GPU (capability >= 8.9); found {found}")
 
 
 def transformer_config(
@@ -57,12 +55,9 @@ def transformer_config(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = resolve_dtype(precision, device)
+    check_runtime_support(model, precision, device)
     fp8_kwargs = {}
     if precision.fp8 is not None:
-        check_fp8_layer_spec(model, precision)
-        if device != "cuda" or torch.cuda.get_device_capability() < (8, 9):
-            found = "no GPU" if device != "cuda" else f"a GPU of compute capability {torch.cuda.get_device_capability()}"
-            raise ConfigError(f"precision.fp8: FP8 GEMMs need an Ada/Hopper/Blackwell GPU (capability >= 8.9); found {found}")
         fp8_kwargs = {"fp8": precision.fp8, "fp8_recipe": precision.fp8_recipe}
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -105,13 +100,7 @@ def layer_spec(model: ModelConfig):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if model.layer_spec == "transformer_engine":
-        try:
-            import transformer_engine  # noqa: F401
-        except Exception as exc:
-            raise ConfigError(
-                "model.layer_spec: transformer_engine needs Transformer Engine (pip install mmpo-megatron[te], "
-                f"or an NGC PyTorch image): {exc}"
-            ) from exc
+        _require_transformer_engine()
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_norm, normalization=model.normalization)
     if model.layer_spec == "local_sdpa":

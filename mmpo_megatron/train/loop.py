@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from mmpo_megatron.config import ModelConfig, TrainConfig
+from mmpo_megatron.config import TrainConfig
 from mmpo_megatron.data.batching import PairSampler
 from mmpo_megatron.data.pipeline import build_pairs, eval_sources, train_sources, write_report
 from mmpo_megatron.data.tokenizer import load_tokenizer
@@ -29,6 +29,7 @@ from mmpo_megatron.parallel.batch_stats import normalisation_stats, reduce_metri
 from mmpo_megatron.train import checkpoint as ckpt
 from mmpo_megatron.train.logger import MetricsLogger
 from mmpo_megatron.train.optimizer import wrap_for_training
+from mmpo_megatron.train.preflight import preflight
 from mmpo_megatron.train.reference import PairScores, cached_scores, fingerprint, microbatches_for, score_dataset
 from mmpo_megatron.train.step import score_microbatches, train_microbatches
 
@@ -39,23 +40,21 @@ class NonFiniteAbort(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
-def run_training(cfg: TrainConfig, *, config_yaml: str | None = None) -> list[dict[str, Any]]:
+def run_training(cfg: TrainConfig) -> list[dict[str, Any]]:
     """Train; returns the logged records (on global rank 0; other ranks return [])."""
     import os
 
-    if cfg.model.from_hf:
-        cfg.model = model_from_hf(cfg.model)
-    # Validate before any process group exists, so a bad layout fails fast with the field's name.
-    cfg.validate_for_world(int(os.environ.get("WORLD_SIZE", "1")))
+    # Before any process group, data or run folder exists: a bad config fails fast, naming the key.
+    cfg = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     layout = initialize_parallel(cfg.parallel)
     try:
-        return _Trainer(cfg, layout, config_yaml).run()
+        return _Trainer(cfg, layout).run()
     finally:
         destroy_parallel()
 
 
 class _Trainer:
-    def __init__(self, cfg: TrainConfig, layout, config_yaml: str | None) -> None:
+    def __init__(self, cfg: TrainConfig, layout) -> None:
         from megatron.core import parallel_state as ps
 
         self.cfg, self.layout, self.device = cfg, layout, layout.device
@@ -65,8 +64,10 @@ class _Trainer:
         self.dp_group = ps.get_data_parallel_group()
         self.records: list[dict[str, Any]] = []
         if self.is_rank0:
+            if cfg.train.overwrite_output_dir:
+                _clear_run_folder(self.out, cfg.reference.cache_dir)
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(config_yaml or _as_yaml(cfg))
+            (self.out / "config.yaml").write_text(_as_yaml(cfg))
         self._setup_data()
         self._setup_model()
 
@@ -102,9 +103,7 @@ class _Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         cfg = self.cfg
-        self.vocab_size = cfg.model.vocab_size or len(self.tokenizer)
-        if self.vocab_size < len(self.tokenizer):
-            raise ValueError(f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's {len(self.tokenizer)} tokens")
+        self.vocab_size = cfg.model.vocab_size or len(self.tokenizer)  # checked against the tokenizer by preflight
         chunks = self._build_chunks()
         self.chunks, self.optimizer = wrap_for_training(chunks, cfg.optim, resolve_dtype(cfg.precision, self.device.type))
         gbs = cfg.train.global_batch_size
@@ -158,7 +157,7 @@ class _Trainer:
                 self.ref_eval = self._score(self.ref_chunks, self.eval_pairs)
             return
         cache_dir = Path(cfg.reference.cache_dir or self.out / "reference_cache")
-        key_parts = (self._reference_identity(), asdict(cfg.model), str(resolve_dtype(cfg.precision, self.device.type)), self.vocab_size)
+        key_parts = reference_cache_key(cfg, self._reference_identity(), self.device.type, self.vocab_size, self.pack_length)
         use_policy = policy_is_initial and cfg.reference.checkpoint is None
 
         def scorer(pairs):
@@ -266,7 +265,7 @@ class _Trainer:
         cfg = self.cfg
         ckpt_root = self.out / "checkpoints"
         step, consumed, skipped = 0, 0, 0
-        resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+        resume_from = ckpt.latest_intact_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
         if resume_from is not None:
             state = ckpt.load_checkpoint(resume_from, self.chunks, self.optimizer)
             step, consumed, skipped = state["step"], state["consumed_samples"], state.get("skipped_steps", 0)
@@ -302,12 +301,12 @@ class _Trainer:
                     chunk.zero_grad_buffer()
                 self.optimizer.zero_grad()
                 per_micro = train_microbatches(self.chunks, micro, cfg.loss)
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
                 metrics = self._from_last_stage(reduce_metric_sums(per_micro, self.dp_group) if self.last_stage else None)
                 consumed += cfg.train.global_batch_size
                 step += 1
                 if self._grads_finite(metrics.get("loss")):
                     _, grad_norm, _ = self.optimizer.step()
-                    self.scheduler.step(1)
                     consecutive_bad = 0
                 else:
                     skipped, consecutive_bad, grad_norm = skipped + 1, consecutive_bad + 1, float("nan")
@@ -317,10 +316,13 @@ class _Trainer:
                             f"{consecutive_bad} consecutive steps had a non-finite loss or gradient (last at step {step}); "
                             f"lower optim.lr, check the data report, or raise train.max_nonfinite_steps"
                         )
+                # The schedule follows `step` whether or not the update was applied, so a run with skipped
+                # steps still ends its decay on its last step.
+                self.scheduler.step(1)
                 elapsed = time.perf_counter() - started
                 metrics.update(
                     grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                    lr=self.optimizer.param_groups[0]["lr"], step_time_s=elapsed,
+                    lr=lr, step_time_s=elapsed,
                     tokens_per_s=metrics.get("tokens", 0.0) / elapsed, skipped_steps=float(skipped), epoch=consumed / (self.steps_per_epoch * cfg.train.global_batch_size),
                     memory_gib=_memory_gib(self.device),
                 )
@@ -360,14 +362,25 @@ class _Trainer:
             print(f"\ncheckpoint saved: {path}", flush=True)
 
 
-def model_from_hf(model: ModelConfig) -> ModelConfig:
-    """The shape of ``model.from_hf`` (an HF folder or converted checkpoint), keeping our own knobs."""
-    from mmpo_megatron.convert.checkpoints import read_hf_config
-    from mmpo_megatron.convert.llama import model_config_from_hf
+def reference_cache_key(cfg: TrainConfig, weights_identity: str, device: str, vocab_size: int,
+                        pack_length: int | None) -> tuple:
+    """Everything that changes reference log-probs besides the pairs: weights, model, numerics, packing."""
+    precision = {**asdict(cfg.precision), "dtype": str(resolve_dtype(cfg.precision, device))}
+    return (weights_identity, asdict(cfg.model), precision, vocab_size, pack_length)
 
-    translated = model_config_from_hf(read_hf_config(model.from_hf), layer_spec=model.layer_spec)
-    return replace(translated, from_hf=model.from_hf, make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                   fused_logprob_chunk=model.fused_logprob_chunk)
+
+def _clear_run_folder(out: Path, cache_dir: str | None) -> None:
+    """Remove what an earlier run wrote into ``out`` (only the trainer's own files and folders)."""
+    import shutil
+
+    for name in ("checkpoints", "tensorboard", "metrics.jsonl", "data_report.json", "config.yaml"):
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    if cache_dir is None:  # a shared cache elsewhere belongs to other runs too
+        shutil.rmtree(out / "reference_cache", ignore_errors=True)
 
 
 def _memory_gib(device: torch.device) -> float:

@@ -1,0 +1,56 @@
+"""Every check that can be made before a run starts work, in one place.
+
+A run first resolves what the config leaves to files (the HF model shape of ``model.from_hf``,
+the tokenizer's vocabulary), then checks the whole config against the world size and this
+machine (GPU, Transformer Engine, FP8 capability, the vocabulary split over TP). Only then are
+process groups created, data tokenised or the run folder written, so a bad config costs seconds
+and fails with one ``config error:`` line that names the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from mmpo_megatron.config import ConfigError, ModelConfig, TrainConfig, padded_vocab_size
+
+
+def model_from_hf(model: ModelConfig) -> ModelConfig:
+    """The shape of ``model.from_hf`` (an HF folder or converted checkpoint), keeping our own knobs."""
+    from mmpo_megatron.convert.checkpoints import ConversionError, read_hf_config
+    from mmpo_megatron.convert.llama import model_config_from_hf
+
+    try:
+        hf = read_hf_config(model.from_hf)
+    except ConversionError as exc:
+        raise ConfigError(f"model.from_hf: {exc}") from None
+    translated = model_config_from_hf(hf, layer_spec=model.layer_spec)
+    return replace(translated, from_hf=model.from_hf, make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
+                   fused_logprob_chunk=model.fused_logprob_chunk)
+
+
+def tokenizer_length(name: str) -> int:
+    """How many tokens the configured tokenizer has (its load errors name ``data.tokenizer``)."""
+    from mmpo_megatron.data.tokenizer import load_tokenizer
+
+    try:
+        return len(load_tokenizer(name))
+    except (FileNotFoundError, RuntimeError, OSError) as exc:
+        raise ConfigError(f"data.tokenizer: {exc}") from None
+
+
+def preflight(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """``cfg`` with the HF shape resolved, checked against the world size and this machine."""
+    from mmpo_megatron.model.builder import check_runtime_support
+    from mmpo_megatron.parallel.runtime import resolve_device
+
+    if cfg.model.from_hf:
+        cfg.model = model_from_hf(cfg.model)
+    cfg.validate_for_world(world_size)
+    device = resolve_device(cfg.parallel.device)
+    check_runtime_support(cfg.model, cfg.precision, device)
+    tokens = tokenizer_length(cfg.data.tokenizer)
+    vocab = cfg.model.vocab_size or tokens
+    if vocab < tokens:
+        raise ConfigError(f"model.vocab_size: {vocab} is smaller than the tokenizer's {tokens} tokens")
+    padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel)
+    return cfg

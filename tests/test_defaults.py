@@ -1,0 +1,388 @@
+"""What a new user meets first, with only the flags they would pass: model=from_hf at any TP/PP,
+score_pairs on a local file, converters that keep the weights' dtype, a prompt limit that follows
+max_length, the config schema on the command line, start-up checks, a demo that trains every time,
+and damaged checkpoints."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmpo_megatron.config import (
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    DataSourceConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    PrecisionConfig,
+    TrainConfig,
+    TrainerConfig,
+)
+from mmpo_megatron.parallel.testing import run_on_ranks
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+QUIET = {**os.environ, "MMPO_NO_PROGRESS": "1", "PYTHONWARNINGS": "ignore"}
+
+# Llama-3-8B's config.json (the fields the translation reads).
+LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+             "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+             "torch_dtype": "bfloat16"}
+# A tiny Llama whose 9 heads / 3 KV heads split only at TP 1, 3 or 9 (SmolLM2-135M's head counts).
+NINE_HEADS = {"model_type": "llama", "hidden_size": 72, "intermediate_size": 96, "num_hidden_layers": 2,
+              "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 384, "max_position_embeddings": 128,
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True, "hidden_act": "silu",
+              "torch_dtype": "float32"}
+
+
+def compose(*overrides, config_name="train_mmpo"):
+    """The TrainConfig the entry script would build from these command-line overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    sys.path.insert(0, str(REPO / "examples"))
+    from train_mmpo import resolve_config
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return resolve_config(hydra_compose(config_name=config_name, overrides=list(overrides)))
+
+
+def write_hf_config(folder: Path, config: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+# ------------------------------------------------------------------------------------ config schema
+
+
+def _override_value(field: dataclasses.Field, current):
+    """A valid command-line value for a field, different from its default."""
+    kind = str(field.type)
+    if "bool" in kind:
+        return "true" if not current else "false"
+    if "list" in kind:
+        return '[{path:embedded,split:"train[:8]"}]'
+    if "dict" in kind:
+        return "{prompt:q,chosen:a,rejected:b}"
+    if "float" in kind:
+        return "0.25"
+    if "int" in kind:
+        return str((current or 1) + 1)
+    return "somewhere_else" if field.name in ("output_dir", "name", "wandb_project") else None
+
+
+def test_every_config_field_overrides_on_every_preset_and_is_type_checked():
+    """The YAML presets extend the TrainConfig schema: a key a preset does not list still exists."""
+    from hydra.errors import ConfigCompositionException
+
+    sections = {f.name: f.type for f in dataclasses.fields(TrainConfig) if f.name != "device"}
+    defaults = TrainConfig()
+    overrides = []
+    for section in sections:
+        for field in dataclasses.fields(getattr(defaults, section)):
+            value = _override_value(field, getattr(getattr(defaults, section), field.name))
+            if value is not None:
+                overrides.append((f"{section}.{field.name}", value))
+    assert len(overrides) > 60, len(overrides)
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    sys.path.insert(0, str(REPO / "examples"))
+    import train_mmpo  # noqa: F401  (registers the schema)
+
+    presets = [("model=tiny", "loss=mmpo"), ("model=llama3_8b", "loss=dpo"), ("model=smollm2_135m", "loss=simpo"),
+               ("model=from_hf", "loss=ipo"), ("data=paper_mix", "parallel=llama3_8b_2x8")]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        for preset in presets:
+            composed = hydra_compose(config_name="train_mmpo", overrides=[*preset, *(f"{k}={v}" for k, v in overrides)])
+            for key, value in overrides:
+                section, name = key.split(".")
+                got = composed[section][name]
+                if value in ("true", "false"):
+                    assert got is (value == "true"), (preset, key)
+                elif "{" not in value and "[" not in value:
+                    assert str(got) == value, (preset, key, got)
+        # Types are checked at composition, naming the key.
+        with pytest.raises(ConfigCompositionException, match="train.global_batch_size"):
+            hydra_compose(config_name="train_mmpo", overrides=["train.global_batch_size=abc"])
+    # The README's example and the keys the issue found refused before.
+    cfg = compose("data.packing=true", "data.pack_length=4096", "model.fused_logprob_chunk=0", "loss=dpo",
+                  "loss.aux_weight=0.3", "parallel.timeout_minutes=5", "model=llama3_8b",
+                  "model.make_vocab_size_divisible_by=64")
+    assert (cfg.data.packing, cfg.data.pack_length, cfg.model.fused_logprob_chunk, cfg.loss.name, cfg.loss.aux_weight,
+            cfg.parallel.timeout_minutes, cfg.model.num_layers, cfg.model.make_vocab_size_divisible_by) == (
+        True, 4096, 0, "dpo", 0.3, 5, 32, 64)
+
+
+def test_a_required_preset_key_stays_required():
+    with pytest.raises(ConfigError, match=r"^model.from_hf: required"):
+        compose("model=from_hf")
+    with pytest.raises(ConfigError, match=r"^data.tokenizer: required"):
+        compose("data=paper_mix")
+    # Given, they resolve (the HF shape is read later, before validation).
+    cfg = compose("data=paper_mix", "data.tokenizer=/models/tok", "model=from_hf", "model.from_hf=/models/x")
+    assert cfg.data.tokenizer == "/models/tok" and cfg.model.from_hf == "/models/x"
+    assert compose("model=from_hf", "model.from_hf=/m").model.layer_spec == "local_sdpa"  # the preset's own keys stay
+
+
+# ------------------------------------------------------------------------------------ from_hf and start-up checks
+
+
+def test_from_hf_shape_is_validated_not_the_default_tiny_one(tmp_path):
+    from mmpo_megatron.train.preflight import preflight
+
+    folder = write_hf_config(tmp_path / "llama3_8b", LLAMA3_8B)
+    cfg = compose("model=from_hf", f"model.from_hf={folder}", "parallel.tensor_parallel=8",
+                  "parallel.pipeline_parallel=4", "train.micro_batch_size=1", "train.global_batch_size=128")
+    checked = preflight(cfg, world_size=32)  # validation only: no process starts
+    assert (checked.model.num_attention_heads, checked.model.num_layers, checked.model.vocab_size) == (32, 32, 128256)
+    assert checked.model.layer_spec == "local_sdpa" and checked.model.fused_logprob_chunk == 1024  # the preset's knobs
+    # A layout the HF model does not split into fails with the HF model's numbers.
+    with pytest.raises(ConfigError, match="parallel.tensor_parallel: 3 must divide model.num_attention_heads=32"):
+        preflight(compose("model=from_hf", f"model.from_hf={folder}", "parallel.tensor_parallel=3"), world_size=3)
+    with pytest.raises(ConfigError, match="model.from_hf: .*no config.json"):
+        preflight(compose("model=from_hf", f"model.from_hf={tmp_path / 'nothing'}"), world_size=1)
+
+
+def test_start_up_checks_run_before_any_work(tmp_path):
+    """Checks that need the machine fail like config errors: before data, processes or the run folder."""
+    from mmpo_megatron.train.preflight import preflight
+
+    # A TP that does not divide the padded vocabulary (263 tokens -> 272 with a unit of 16).
+    cfg = compose("model.num_attention_heads=6", "model.num_query_groups=3", "model.hidden_size=48",
+                  "parallel.tensor_parallel=3", "train.global_batch_size=6", "train.micro_batch_size=2")
+    with pytest.raises(ConfigError, match="model.make_vocab_size_divisible_by: 16 gives a vocab of 272, which "
+                                          "tensor_parallel=3 does not divide"):
+        preflight(cfg, world_size=3)
+    with pytest.raises(ConfigError, match="model.vocab_size: 100 is smaller than the tokenizer's 263 tokens"):
+        preflight(compose("model.vocab_size=100"), world_size=1)
+    with pytest.raises(ConfigError, match="data.tokenizer: tokenizer folder '/no/such/tok' does not exist"):
+        preflight(compose("data.tokenizer=/no/such/tok"), world_size=1)
+    # Through the entry script: FP8 on a machine without TE / an FP8 GPU exits 2 with one line, and
+    # nothing was tokenised or written.
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, str(REPO / "examples/train_mmpo.py"), "precision.fp8=hybrid",
+                           "model.layer_spec=transformer_engine", "device=cpu", f"train.output_dir={out}"],
+                          capture_output=True, text=True, timeout=300, env=QUIET, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("config error: model.layer_spec: transformer_engine needs")
+    assert "Traceback" not in done.stderr
+    assert not out.exists() or not any(out.iterdir())  # Hydra makes its run folder; nothing went in
+
+
+def test_from_hf_nine_heads_trains_at_tp3_with_no_shape_keys(tmp_path):
+    """SmolLM2's 9 heads / 3 KV heads: model=from_hf at TP=3 through torchrun, and data.max_length alone."""
+    folder = write_hf_config(tmp_path / "nine_heads", NINE_HEADS)
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "3", str(REPO / "examples/train_mmpo.py"), "model=from_hf",
+         f"model.from_hf={folder}", "parallel.tensor_parallel=3", "device=cpu", "data.max_length=24",
+         'data.train=[{path:embedded,split:"train[:8]"}]', 'data.eval=[{path:embedded,split:"test[:6]"}]',
+         "train.global_batch_size=4", "train.micro_batch_size=2", "train.max_steps=2", "train.eval_interval=2",
+         "logging.progress_bar=false", "logging.tensorboard=false", f"train.output_dir={out}"],
+        capture_output=True, text=True, timeout=400, env=QUIET, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in records] == [(0, "eval"), (1, "train"), (2, "train"), (2, "eval")]
+    state = json.loads((out / "checkpoints" / "step_0000002" / "trainer_state.json").read_text())
+    assert state["layout"]["tensor_parallel"] == 3
+    assert (state["model"]["num_attention_heads"], state["model"]["num_query_groups"]) == (9, 3)
+    assert state["train_config"]["data"]["max_length"] == 24 and state["train_config"]["data"]["max_prompt_length"] is None
+
+
+# ------------------------------------------------------------------------------------ prompt limits
+
+
+def test_max_length_alone_works_everywhere(tmp_path):
+    """A prompt limit nobody set follows max_length: in the trainer's config, the presets and inspect_data."""
+    assert compose("data.max_length=256").data.max_prompt_length is None
+    assert compose("data=paper_mix", "data.tokenizer=t", "data.max_length=256").data.max_length == 256
+    assert compose(config_name="train_demo").data.max_prompt_length is None
+    with pytest.raises(ConfigError, match=r"data.max_prompt_length: must be in \[1, max_length=256\), got 1800 "
+                                          r"\(null lets it follow max_length\)"):
+        compose("data.max_length=256", "data.max_prompt_length=1800")  # both given, and inconsistent
+    sys.path.insert(0, str(REPO / "tools"))
+    import inspect_data
+
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"prompt": "x" * 400, "chosen": "yes", "rejected": "no"}) + "\n")
+    assert inspect_data.main(["--data", str(path), "--max-length", "256", "--examples", "0",
+                              "--report", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["pairs_kept"] == 1 and report["truncated_pairs"] == 1
+
+
+def test_paper_recipes_keep_the_paper_prompt_limit():
+    for recipe in ("smollm2_135m_mmpo", "llama3_8b_mmpo"):
+        cfg = compose("data.tokenizer=/models/tok", config_name=recipe)
+        assert (cfg.data.max_length, cfg.data.max_prompt_length) == (2312, 1800), recipe
+
+
+# ------------------------------------------------------------------------------------ dtype-preserving conversion
+
+
+def small_config(out, steps=3, **kw):
+    return TrainConfig(
+        device="cpu",
+        model=ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+                          max_position_embeddings=64, make_vocab_size_divisible_by=16),
+        data=DataConfig(train=[DataSourceConfig(split="train[:16]")], eval=[DataSourceConfig(split="test[:8]")],
+                        max_length=32, pad_to_multiple=8),
+        precision=PrecisionConfig(dtype="fp32"),
+        optim=kw.pop("optim", OptimConfig(lr=1e-3, warmup_ratio=0.0)),
+        train=TrainerConfig(global_batch_size=8, micro_batch_size=2, max_steps=steps, eval_interval=0,
+                            output_dir=str(out), overwrite_output_dir=kw.pop("overwrite", False)),
+        checkpoint=kw.pop("checkpoint", CheckpointConfig()),
+        logging=LoggingConfig(tensorboard=False, progress_bar=False),
+    )
+
+
+def train(cfg):
+    from mmpo_megatron.train.loop import run_training
+
+    return run_training(cfg)
+
+
+def run_tool(*args, cwd):
+    done = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=300, env=QUIET,
+                          cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_fp32_run_exported_and_reimported_with_default_flags_scores_like_the_trained_checkpoint(tmp_path):
+    run_on_ranks(train, 1, small_config(tmp_path / "run", steps=3))
+    export = run_tool(REPO / "tools/convert_megatron_to_hf.py", "--checkpoint", tmp_path / "run", "--output",
+                      tmp_path / "hf", cwd=tmp_path)
+    assert "export dtype: fp32 (the checkpoint's weights are fp32)" in export.stdout
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "float32"
+    imported = run_tool(REPO / "tools/convert_hf_to_megatron.py", "--hf-model", tmp_path / "hf", "--output",
+                        tmp_path / "mcore", cwd=tmp_path)
+    assert "weights: fp32" in imported.stdout
+    # A user's local file with no --split, and --max-length alone.
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)}) + "\n"
+                             for a, b in [(12, 7), (40, 3), (9, 9), (25, 17), (3, 88), (61, 1)]))
+    scores = {}
+    for name, checkpoint in (("trained", tmp_path / "run" / "checkpoints"), ("reimported", tmp_path / "mcore")):
+        done = run_tool(REPO / "tools/score_pairs.py", "--checkpoint", checkpoint, "--data", pairs, "--max-length",
+                        "40", "--output", tmp_path / f"{name}.jsonl", cwd=tmp_path)
+        assert f"scored 6 pairs of {pairs} (split 'train'" in done.stdout
+        scores[name] = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in scores["trained"]] == list(range(6)) == [r["index"] for r in scores["reimported"]]
+    for a, b in zip(scores["trained"], scores["reimported"]):
+        assert abs(a["chosen_logps"] - b["chosen_logps"]) < 1e-4 and abs(a["rejected_logps"] - b["rejected_logps"]) < 1e-4
+    # Forcing bf16 onto these fp32 weights is allowed, with the measured cost said.
+    narrowed = run_tool(REPO / "tools/convert_megatron_to_hf.py", "--checkpoint", tmp_path / "run", "--output",
+                        tmp_path / "hf_bf16", "--dtype", "bf16", cwd=tmp_path)
+    warning = [line for line in narrowed.stderr.splitlines() if line.startswith("warning: --dtype bf16 rounds")]
+    assert warning and float(warning[0].split("up to ")[1].split(" nats")[0]) > 0, narrowed.stderr[-2000:]
+    assert json.loads((tmp_path / "hf_bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_hf_weight_dtype_follows_the_config():
+    from mmpo_megatron.convert.checkpoints import hf_weight_dtype
+
+    assert hf_weight_dtype({"torch_dtype": "bfloat16"}) == "bf16"
+    assert hf_weight_dtype({"dtype": "bfloat16"}) == "bf16"  # transformers 5
+    assert hf_weight_dtype({"torch_dtype": "float32"}) == "fp32"
+    assert hf_weight_dtype({"torch_dtype": "float16"}) == "fp32"  # bf16 would round fp16's mantissa
+    assert hf_weight_dtype({}) == "fp32"
+
+
+# ------------------------------------------------------------------------------------ run folders and checkpoints
+
+
+def run_folder_cases(root):
+    """A finished run started again: resumes (nothing to train) or, with overwrite, trains afresh;
+    damaged newest checkpoint: resume from the intact one; all damaged: an error naming them."""
+    import torch.distributed as dist  # noqa: F401
+
+    from mmpo_megatron.train.checkpoint import DamagedCheckpointError
+
+    root = Path(root)
+    out = {}
+    first = train(small_config(root / "again", steps=2))
+    out["resumed"] = train(small_config(root / "again", steps=2))
+    out["overwritten"] = train(small_config(root / "again", steps=2, overwrite=True))
+    out["first"] = first
+    out["metrics_lines"] = len((root / "again" / "metrics.jsonl").read_text().splitlines())
+
+    every_step = CheckpointConfig(save_interval=1, keep_last=5)
+    train(small_config(root / "damaged", steps=2, checkpoint=every_step))
+    shutil.copytree(root / "damaged", root / "all_damaged")
+    for folder, steps in ((root / "damaged", [2]), (root / "all_damaged", [1, 2])):
+        for step in steps:
+            shard = sorted((folder / "checkpoints" / f"step_{step:07d}").glob("*.distcp"))[0]
+            shard.write_bytes(shard.read_bytes()[:100])  # truncated, as by a full disk
+    out["after_damage"] = train(small_config(root / "damaged", steps=3, checkpoint=every_step))
+    try:
+        train(small_config(root / "all_damaged", steps=3, checkpoint=every_step))
+    except DamagedCheckpointError as exc:
+        out["all_damaged"] = str(exc)
+    return out
+
+
+def test_run_folders_restart_resume_and_survive_a_damaged_checkpoint(tmp_path, caplog):
+    out = run_on_ranks(run_folder_cases, 1, str(tmp_path))[0]
+    assert [r["step"] for r in out["first"]] == [1, 2]
+    assert out["resumed"] == []  # auto-resume of a finished run: nothing left
+    assert [r["step"] for r in out["overwritten"]] == [1, 2]  # afresh
+    assert out["overwritten"][1]["loss"] == out["first"][1]["loss"]
+    assert out["metrics_lines"] == 2  # the earlier run's lines went with it
+    # step_2 truncated: resumed from step_1, so steps 2 and 3 train again.
+    assert [r["step"] for r in out["after_damage"] if r["split"] == "train"] == [2, 3]
+    assert "step_0000001" in out["all_damaged"] and "step_0000002" in out["all_damaged"]
+    assert "has 100 bytes" in out["all_damaged"]
+
+
+def test_checkpoint_manifest_detects_truncation_and_missing_files(tmp_path):
+    from mmpo_megatron.train.checkpoint import MANIFEST, checkpoint_damage, resolve_checkpoint, DamagedCheckpointError
+
+    folder = tmp_path / "step_0000001"
+    folder.mkdir()
+    (folder / "a.distcp").write_bytes(b"x" * 50)
+    (folder / "trainer_state.json").write_text("{}")
+    (folder / MANIFEST).write_text(json.dumps({"a.distcp": 50, "common.pt": 10}))
+    assert checkpoint_damage(folder) == "common.pt is missing"
+    (folder / "common.pt").write_bytes(b"y" * 10)
+    assert checkpoint_damage(folder) is None
+    (folder / "a.distcp").write_bytes(b"x" * 49)
+    assert checkpoint_damage(folder) == "a.distcp has 49 bytes, 50 were saved"
+    with pytest.raises(DamagedCheckpointError, match="step_0000001 is damaged: a.distcp has 49 bytes"):
+        resolve_checkpoint(folder)
+
+
+# ------------------------------------------------------------------------------------ reference cache key
+
+
+def test_reference_cache_key_covers_what_changes_reference_values():
+    from mmpo_megatron.train.loop import reference_cache_key
+
+    base = small_config("unused")
+
+    def key(cfg, pack_length=None):
+        return json.dumps(reference_cache_key(cfg, "weights@1", "cpu", 263, pack_length), sort_keys=True, default=str)
+
+    changed = []
+    for mutate in (lambda c: setattr(c.precision, "fp8", "hybrid"), lambda c: setattr(c.precision, "fp8_recipe", "tensorwise"),
+                   lambda c: setattr(c.precision, "dtype", "bf16"), lambda c: setattr(c.model, "layer_spec", "local_sdpa")):
+        cfg = small_config("unused")
+        mutate(cfg)
+        changed.append(key(cfg) != key(base))
+    assert changed == [True, True, True, True]
+    assert key(base, pack_length=64) != key(base)
+    # What does not change reference log-probs leaves the key alone: the cache is reused.
+    cfg = small_config("elsewhere")
+    cfg.optim.lr, cfg.loss.beta = 0.5, 0.3
+    assert key(cfg) == key(base)
