@@ -17,8 +17,9 @@ WORKDIR /opt/mmpo-megatron
 # Dependencies first (a layer that survives code edits), then the code. They are read from
 # pyproject.toml (one list to keep) less torch, which stays the image's CUDA build.
 COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
-print('\n'.join(d for d in deps if not d.startswith('torch')))" > /tmp/requirements.txt \
+RUN python -c "import tomllib; from packaging.requirements import Requirement; \
+deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+print('\n'.join(d for d in deps if Requirement(d).name != 'torch'))" > /tmp/requirements.txt \
     && python -m pip install --requirement /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 COPY mmpo_megatron ./mmpo_megatron

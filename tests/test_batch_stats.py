@@ -5,6 +5,7 @@ The same 8-pair global batch is laid out as DP=1 x 4 micro-batches, DP=2 x 2 and
 megatron's parallel_state. Micro-batches hold 2 pairs.
 """
 
+import pytest
 import torch
 
 from mmpo_megatron.losses import mmpo_loss, prior_rewards
@@ -120,6 +121,13 @@ def test_global_scope_is_independent_of_layout_and_dp_microbatch_matches_referen
     ref = reference_normalised(seed, [list(range(PAIRS))])
     for p in range(PAIRS):
         torch.testing.assert_close(f64(base_norm[p]), f64(ref[p]), rtol=1e-12, atol=1e-12)
+    # The metric means are means: a float64 mean of the per-pair values of the whole batch at once.
+    lc, lr, lc_ref, lr_ref = global_batch(seed)
+    ref_loss, ref_metrics = mmpo_loss(lc, lr, lc_ref, lr_ref, beta=BETA, aux_weight=0.3)
+    assert set(base_means) == set(ref_metrics) and len(base_means) >= 6
+    for name, values in ref_metrics.items():
+        assert base_means[name] == pytest.approx(values.double().mean().item(), rel=1e-12, abs=1e-12), name
+    assert base_loss == pytest.approx(ref_loss.double().mean().item(), rel=1e-12)
     for dp in (2, 4):
         norm, loss, gc, gr, means = combined(dp, "global")
         for p in range(PAIRS):

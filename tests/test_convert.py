@@ -43,15 +43,17 @@ def hf_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
     out = {"root": root, "tokens": tokens, "logits": {}}
-    for name, config in family_configs().items():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
-        with torch.no_grad():
-            for p in model.parameters():  # norms away from 1 so a mis-mapped norm shows
-                p.add_(torch.randn_like(p) * 0.02)
-            out["logits"][name] = model(tokens).logits
-        model.save_pretrained(root / name)
-        build_byte_tokenizer().save_pretrained(root / name)
+    # Seeded in a forked RNG: later tests' "fresh" random inputs must not replay this module's seed.
+    with torch.random.fork_rng():
+        for name, config in family_configs().items():
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+            with torch.no_grad():
+                for p in model.parameters():  # norms away from 1 so a mis-mapped norm shows
+                    p.add_(torch.randn_like(p) * 0.02)
+                out["logits"][name] = model(tokens).logits
+            model.save_pretrained(root / name)
+            build_byte_tokenizer().save_pretrained(root / name)
     return out
 
 

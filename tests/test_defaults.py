@@ -260,8 +260,34 @@ def run_tool(*args, cwd):
     return done
 
 
+def score_and_narrow(root, pairs):
+    """score_pairs through its own argument parser on both checkpoints, then a forced bf16 export."""
+    import contextlib
+    import io
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import score_pairs
+
+    from mmpo_megatron.convert import convert_megatron_to_hf
+
+    root = Path(root)
+    out = {}
+    for name, checkpoint in (("trained", root / "run" / "checkpoints"), ("reimported", root / "mcore")):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = score_pairs.main(["--checkpoint", str(checkpoint), "--data", str(pairs), "--max-length", "40",
+                                     "--output", str(root / f"{name}.jsonl")])
+        out[name] = (code, printed.getvalue(), [json.loads(line) for line in (root / f"{name}.jsonl").read_text().splitlines()])
+    warned = io.StringIO()
+    with contextlib.redirect_stderr(warned), contextlib.redirect_stdout(io.StringIO()):
+        convert_megatron_to_hf(root / "run", root / "hf_bf16", dtype="bf16")
+    out["narrowing"] = warned.getvalue()
+    return out
+
+
 def test_fp32_run_exported_and_reimported_with_default_flags_scores_like_the_trained_checkpoint(tmp_path):
     run_on_ranks(train, 1, small_config(tmp_path / "run", steps=3))
+    # The converters as a user runs them: subprocesses, default flags, exit codes.
     export = run_tool(REPO / "tools/convert_megatron_to_hf.py", "--checkpoint", tmp_path / "run", "--output",
                       tmp_path / "hf", cwd=tmp_path)
     assert "export dtype: fp32 (the checkpoint's weights are fp32)" in export.stdout
@@ -273,20 +299,17 @@ def test_fp32_run_exported_and_reimported_with_default_flags_scores_like_the_tra
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)}) + "\n"
                              for a, b in [(12, 7), (40, 3), (9, 9), (25, 17), (3, 88), (61, 1)]))
-    scores = {}
-    for name, checkpoint in (("trained", tmp_path / "run" / "checkpoints"), ("reimported", tmp_path / "mcore")):
-        done = run_tool(REPO / "tools/score_pairs.py", "--checkpoint", checkpoint, "--data", pairs, "--max-length",
-                        "40", "--output", tmp_path / f"{name}.jsonl", cwd=tmp_path)
-        assert f"scored 6 pairs of {pairs} (split 'train'" in done.stdout
-        scores[name] = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
-    assert [r["index"] for r in scores["trained"]] == list(range(6)) == [r["index"] for r in scores["reimported"]]
-    for a, b in zip(scores["trained"], scores["reimported"]):
+    out = run_on_ranks(score_and_narrow, 1, str(tmp_path), str(pairs))[0]
+    for name in ("trained", "reimported"):
+        code, printed, _ = out[name]
+        assert code == 0 and f"scored 6 pairs of {pairs} (split 'train'" in printed, printed
+    trained, reimported = out["trained"][2], out["reimported"][2]
+    assert [r["index"] for r in trained] == list(range(6)) == [r["index"] for r in reimported]
+    for a, b in zip(trained, reimported):
         assert abs(a["chosen_logps"] - b["chosen_logps"]) < 1e-4 and abs(a["rejected_logps"] - b["rejected_logps"]) < 1e-4
     # Forcing bf16 onto these fp32 weights is allowed, with the measured cost said.
-    narrowed = run_tool(REPO / "tools/convert_megatron_to_hf.py", "--checkpoint", tmp_path / "run", "--output",
-                        tmp_path / "hf_bf16", "--dtype", "bf16", cwd=tmp_path)
-    warning = [line for line in narrowed.stderr.splitlines() if line.startswith("warning: --dtype bf16 rounds")]
-    assert warning and float(warning[0].split("up to ")[1].split(" nats")[0]) > 0, narrowed.stderr[-2000:]
+    warning = [line for line in out["narrowing"].splitlines() if line.startswith("warning: --dtype bf16 rounds")]
+    assert warning and float(warning[0].split("up to ")[1].split(" nats")[0]) > 0, out["narrowing"]
     assert json.loads((tmp_path / "hf_bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
@@ -318,6 +341,15 @@ def run_folder_cases(root):
     out["first"] = first
     out["metrics_lines"] = len((root / "again" / "metrics.jsonl").read_text().splitlines())
 
+    # A user's file with a bad row: the run skips and counts it, and data_report.json says which.
+    rows = [{"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(2 * a + 1)} for a in range(16)]
+    rows.insert(5, {"prompt": "1+1=", "chosen": None, "rejected": "3"})
+    (root / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = small_config(root / "report", steps=1)
+    cfg.data.train, cfg.data.eval = [DataSourceConfig(path=str(root / "mine.jsonl"))], None
+    train(cfg)
+    out["report"] = json.loads((root / "report" / "data_report.json").read_text())
+
     every_step = CheckpointConfig(save_interval=1, keep_last=5)
     train(small_config(root / "damaged", steps=2, checkpoint=every_step))
     shutil.copytree(root / "damaged", root / "all_damaged")
@@ -344,6 +376,11 @@ def test_run_folders_restart_resume_and_survive_a_damaged_checkpoint(tmp_path, c
     assert [r["step"] for r in out["after_damage"] if r["split"] == "train"] == [2, 3]
     assert "step_0000001" in out["all_damaged"] and "step_0000002" in out["all_damaged"]
     assert "has 100 bytes" in out["all_damaged"]
+    report = out["report"]
+    assert (report["pairs_in"], report["pairs_kept"], report["dropped"]) == (17, 16, {"invalid_field": 1})
+    (error,) = report["errors"]
+    assert error["index"] == 5 and error["reason"] == "invalid_field" and "chosen" in error["error"]
+    assert error["source"].endswith("mine.jsonl:train")
 
 
 def test_checkpoint_manifest_detects_truncation_and_missing_files(tmp_path):

@@ -111,3 +111,46 @@ def test_a_world_of_one_leaves_no_torchrun_variables_behind(monkeypatch):
     finally:
         destroy_parallel(destroy_process_group=True)
     assert [n for n in names if n in os.environ] == ["MASTER_ADDR"]
+
+
+def rank_one_waits_forever():
+    import torch.distributed as dist
+
+    initialize_parallel(device="cpu")
+    if dist.get_rank() == 1:
+        dist.barrier()  # rank 0 never joins: a deadlock like a collective only some ranks reach
+    return dist.get_rank()
+
+
+def rank_one_raises():
+    import torch.distributed as dist
+
+    initialize_parallel(device="cpu")
+    if dist.get_rank() == 1:
+        raise ValueError("boom on rank 1")
+    dist.barrier()  # rank 0 waits for a rank that is gone
+    return 0
+
+
+def test_run_on_ranks_stops_a_deadlock_and_names_the_stuck_rank(monkeypatch):
+    from mmpo_megatron.parallel import testing
+
+    with pytest.raises(testing.RanksTimedOut, match=r"rank_one_waits_forever: rank\(s\) \[1\] still running after 12 s"):
+        run_on_ranks(rank_one_waits_forever, 2, timeout=12)
+    # A rank that raises fails the call with its traceback; the rank left in the barrier is stopped.
+    monkeypatch.setattr(testing, "FAILURE_GRACE_S", 2.0)
+    started = __import__("time").monotonic()
+    with pytest.raises(testing.RankFailed, match=r"(?s)rank_one_raises failed on rank 1 \(rank\(s\) \[0\] were left "
+                                                 r"waiting.*ValueError: boom on rank 1"):
+        run_on_ranks(rank_one_raises, 2)
+    assert __import__("time").monotonic() - started < 60
+    # The pool is replaced and works again.
+    assert run_on_ranks(rank_one_waits_forever_not, 2) == [0, 1]
+
+
+def rank_one_waits_forever_not():
+    import torch.distributed as dist
+
+    initialize_parallel(device="cpu")
+    dist.barrier()
+    return dist.get_rank()

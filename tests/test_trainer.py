@@ -35,7 +35,10 @@ COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", 
 
 
 def make_config(out, *, loss="mmpo", tp=1, pp=1, vpp=None, steps=1, **sections):
-    loss_cfg = LossConfig(name=loss, aux_weight=0.5) if loss == "mmpo" else LossConfig(name=loss)
+    if isinstance(loss, LossConfig):
+        loss_cfg = loss
+    else:
+        loss_cfg = LossConfig(name=loss, aux_weight=0.5) if loss == "mmpo" else LossConfig(name=loss)
     cfg = TrainConfig(
         device="cpu",
         model=ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
@@ -75,6 +78,33 @@ LAYOUTS = {
 }
 
 
+# Adam with eps far above every |gradient| is SGD with step lr / eps: each update is proportional
+# to the gradient's value. (With a small eps, step 1 moves every weight by about +-lr whatever the
+# gradient's size, so equal weights would only show equal gradient signs.) No clipping: it would
+# rescale a wrong gradient back to the right norm.
+LAYOUT_OPTIM = OptimConfig(lr=1.0, warmup_ratio=0.0, decay_style="constant", adam_eps=10.0, clip_grad=0.0)
+LAYOUT_STEPS = 2
+
+
+# Every other objective and MMPO option through the trainer, at TP=1 and TP=2 (two steps each).
+LOSS_VARIANTS = {
+    "simpo": LossConfig(name="simpo"),  # no reference model at all
+    "ipo": LossConfig(name="ipo"),
+    "mmpo_mean": LossConfig(name="mmpo", logp_reduction="mean", aux_weight=0.5),
+    "mmpo_aux0": LossConfig(name="mmpo", aux_weight=0.0),  # pure marginal likelihood: the rejected side trains
+    "mmpo_nll": LossConfig(name="mmpo", aux_weight=0.5, nll_weight=0.3),
+}
+
+
+def loss_variant_runs(root, tp):
+    out = {}
+    for name, loss in LOSS_VARIANTS.items():
+        cfg = make_config(Path(root) / f"{name}_tp{tp}", loss=loss, tp=tp, steps=LAYOUT_STEPS, optim=LAYOUT_OPTIM,
+                          checkpoint=CheckpointConfig(load_weights=str(Path(root) / "init")))
+        out[name] = train_records(cfg)
+    return out
+
+
 def init_and_base(root):
     """Initial weights at TP=PP=1 (the common start of every layout), then the baseline runs."""
     from mmpo_megatron.model.builder import build_model_chunks
@@ -88,19 +118,21 @@ def init_and_base(root):
     destroy_parallel()
     out = {}
     for loss in ("mmpo", "dpo"):
-        cfg = make_config(Path(root) / f"base_{loss}", loss=loss, checkpoint=CheckpointConfig(load_weights=str(Path(root) / "init")))
+        cfg = make_config(Path(root) / f"base_{loss}", loss=loss, steps=LAYOUT_STEPS, optim=LAYOUT_OPTIM,
+                          checkpoint=CheckpointConfig(load_weights=str(Path(root) / "init")))
         out[loss] = train_records(cfg)
+    out["variants"] = loss_variant_runs(root, 1)
     return out
 
 
 def layout_runs(root, world):
-    out = {}
+    out = {"variants": loss_variant_runs(root, 2)} if world == 2 else {}
     for name, (size, tp, pp, vpp) in LAYOUTS.items():
         if size != world:
             continue
         for loss in ("mmpo", "dpo"):
-            cfg = make_config(Path(root) / f"{name}_{loss}", loss=loss, tp=tp, pp=pp, vpp=vpp,
-                              checkpoint=CheckpointConfig(load_weights=str(Path(root) / "init")))
+            cfg = make_config(Path(root) / f"{name}_{loss}", loss=loss, tp=tp, pp=pp, vpp=vpp, steps=LAYOUT_STEPS,
+                              optim=LAYOUT_OPTIM, checkpoint=CheckpointConfig(load_weights=str(Path(root) / "init")))
             out[(name, loss)] = train_records(cfg)
     return out
 
@@ -116,33 +148,51 @@ def final_weights(root, names):
     weights = {}
     for name in names:
         chunks = build_model_chunks(cfg.model, cfg.parallel, cfg.precision, vocab_size=263, device="cpu", seed=5)
-        load_weights(Path(root) / name / "checkpoints", chunks)
+        load_weights(Path(root) / name, chunks)  # a run folder, or the init checkpoint folder
         weights[name] = {k: v.clone() for k, v in chunks[0].state_dict().items() if not k.endswith("_extra_state")}
     return weights
 
 
-def test_one_step_matches_single_process_at_every_layout(tmp_path):
+def test_two_steps_match_single_process_at_every_layout(tmp_path):
+    """Loss and metrics of both steps, and every weight after step 2 (resharded to TP=1), equal the
+    TP=PP=DP=1 run's: with updates proportional to gradients (LAYOUT_OPTIM), equal weights mean
+    equal gradient values, and step 2's loss sees step 1's update sizes."""
     base = run_on_ranks(init_and_base, 1, str(tmp_path))[0]
     runs = run_on_ranks(layout_runs, 2, str(tmp_path), 2)[0]  # rank 0 holds the records
-    runs.update(run_on_ranks(layout_runs, 4, str(tmp_path), 4)[0])
-    names = [f"base_{l}" for l in ("mmpo", "dpo")] + [f"{n}_{l}" for n in LAYOUTS for l in ("mmpo", "dpo")]
+    runs.update({k: v for k, v in run_on_ranks(layout_runs, 4, str(tmp_path), 4)[0].items()})
+    names = ["init"] + [f"base_{l}" for l in ("mmpo", "dpo")] + [f"{n}_{l}" for n in LAYOUTS for l in ("mmpo", "dpo")]
     weights = run_on_ranks(final_weights, 1, str(tmp_path), names)[0]
     for loss in ("mmpo", "dpo"):
-        (ref,) = [r for r in base[loss] if r["split"] == "train"]
-        assert ref["pairs"] == 8
+        ref = [r for r in base[loss] if r["split"] == "train"]
+        assert [r["step"] for r in ref] == list(range(1, LAYOUT_STEPS + 1)) and ref[0]["pairs"] == 8
+        assert ref[1]["loss"] != ref[0]["loss"]  # step 1 moved the model
         for name in LAYOUTS:
-            (got,) = [r for r in runs[(name, loss)] if r["split"] == "train"]
-            for key in COMPARED:
-                assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-5), (name, loss, key)
+            got = [r for r in runs[(name, loss)] if r["split"] == "train"]
+            for a, b in zip(got, ref, strict=True):
+                for key in COMPARED:
+                    assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (name, loss, a["step"], key)
             for param, value in weights[f"base_{loss}"].items():
-                torch.testing.assert_close(weights[f"{name}_{loss}"][param], value, rtol=1e-5, atol=1e-6,
+                # Compared as the change from the start: the update itself, not the weight it is added to.
+                start = weights["init"][param]
+                torch.testing.assert_close(weights[f"{name}_{loss}"][param] - start, value - start, rtol=1e-4, atol=1e-7,
                                            msg=lambda m: f"{name} {loss} {param}: {m}")
-    # The step really moved the weights (so equal weights above are not vacuous).
+    for name in LOSS_VARIANTS:
+        ref = [r for r in base["variants"][name] if r["split"] == "train"]
+        got = [r for r in runs["variants"][name] if r["split"] == "train"]
+        assert len(ref) == LAYOUT_STEPS and all(math.isfinite(r["loss"]) for r in ref), name
+        for a, b in zip(got, ref, strict=True):
+            for key in COMPARED:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (name, a["step"], key)
+    # The variants are different objectives (so agreeing with TP=1 is agreeing on different numbers).
+    first_losses = {name: base["variants"][name][0]["loss"] for name in LOSS_VARIANTS}
+    assert len({round(v, 6) for v in first_losses.values()}) == len(LOSS_VARIANTS), first_losses
+    # The updates are gradient-sized and distinct, so equal updates above are not vacuous.
+    update = weights["base_mmpo"]["decoder.layers.0.mlp.linear_fc1.weight"] - weights["init"]["decoder.layers.0.mlp.linear_fc1.weight"]
+    assert update.abs().max() > 1e-4 and update.abs().unique().numel() > update.numel() // 2
     assert not torch.equal(weights["base_mmpo"]["decoder.layers.0.mlp.linear_fc1.weight"],
                            weights["base_dpo"]["decoder.layers.0.mlp.linear_fc1.weight"])
     # DPO starts at ln 2: policy == reference.
-    (dpo_step,) = [r for r in base["dpo"] if r["split"] == "train"]
-    assert dpo_step["loss"] == pytest.approx(0.6931472, abs=1e-6)
+    assert [r for r in base["dpo"] if r["split"] == "train"][0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ resume
@@ -223,10 +273,13 @@ def reference_modes_and_scores(root):
         out[mode] = train_records(make_config(root / mode, tp=2, steps=3, reference=ReferenceConfig(mode=mode),
                                               train=TrainerConfig(global_batch_size=8, micro_batch_size=2, max_steps=3,
                                                                   eval_interval=3, output_dir=str(root / mode))))
-    args = argparse.Namespace(checkpoint=str(root / "precompute"), reference=None, data="embedded", split="test[:12]",
-                              format="auto", tokenizer=None, max_length=None, max_prompt_length=None,
-                              output=str(root / "scores_tp2.jsonl"), tp=2, pp=1, micro_batch_size=3, device="cpu")
-    score_pairs(args)
+    # A reference that differs from the policy: one step at another learning rate.
+    train_records(make_config(root / "other_ref", tp=2, steps=1, optim=OptimConfig(lr=3e-2, warmup_ratio=0.0)))
+    for checkpoint, output in (("precompute", "scores_tp2.jsonl"), ("other_ref", "other_ref_tp2.jsonl")):
+        args = argparse.Namespace(checkpoint=str(root / checkpoint), reference=None, data="embedded", split="test[:12]",
+                                  format="auto", tokenizer=None, max_length=None, max_prompt_length=None,
+                                  output=str(root / output), tp=2, pp=1, micro_batch_size=3, device="cpu")
+        score_pairs(args)
     return out
 
 
@@ -236,7 +289,7 @@ def score_tp1(root):
     sys.path.insert(0, str(REPO / "tools"))
     from score_pairs import score_pairs
 
-    args = argparse.Namespace(checkpoint=str(Path(root) / "precompute"), reference=str(Path(root) / "resident"),
+    args = argparse.Namespace(checkpoint=str(Path(root) / "precompute"), reference=str(Path(root) / "other_ref"),
                               data="embedded", split="test[:12]", format="auto", tokenizer=None, max_length=None,
                               max_prompt_length=None, output=str(Path(root) / "scores_tp1.jsonl"), tp=1, pp=1,
                               micro_batch_size=5, device="cpu")
@@ -256,12 +309,19 @@ def test_reference_modes_agree_and_tp2_checkpoint_scores_equally_at_tp1(tmp_path
     tp2 = [json.loads(line) for line in (tmp_path / "scores_tp2.jsonl").read_text().splitlines()]
     tp1 = [json.loads(line) for line in (tmp_path / "scores_tp1.jsonl").read_text().splitlines()]
     assert [r["index"] for r in tp1] == list(range(12)) == [r["index"] for r in tp2]
-    for a, b in zip(tp1, tp2):
+    other = [json.loads(line) for line in (tmp_path / "other_ref_tp2.jsonl").read_text().splitlines()]
+    correct = 0
+    for a, b, ref in zip(tp1, tp2, other, strict=True):
         assert a["chosen_logps"] == pytest.approx(b["chosen_logps"], abs=1e-4)
         assert a["rejected_logps"] == pytest.approx(b["rejected_logps"], abs=1e-4)
-        assert "ref_chosen_logps" in a
-    # Both runs trained identically, so the policy equals its "reference" here: every pair ties.
-    assert summary["implicit_reward_accuracy"] == 0.0
+        # --reference scores the reference checkpoint: as that checkpoint scored on its own (at TP=2).
+        assert a["ref_chosen_logps"] == pytest.approx(ref["chosen_logps"], abs=1e-4)
+        assert a["ref_rejected_logps"] == pytest.approx(ref["rejected_logps"], abs=1e-4)
+        margin = (a["chosen_logps"] - ref["chosen_logps"]) - (a["rejected_logps"] - ref["rejected_logps"])
+        assert abs(a["chosen_logps"] - ref["chosen_logps"]) > 1e-3  # the reference really differs
+        assert a["implicit_reward_correct"] == (margin > 0)
+        correct += margin > 0
+    assert summary["implicit_reward_accuracy"] == pytest.approx(correct / 12)
 
 
 # ------------------------------------------------------------------------------------------ non-finite steps
@@ -390,15 +450,17 @@ def test_cli_rejects_bad_layout_with_exit_code_2(tmp_path):
 
 
 def test_demo_held_out_reward_accuracy_rises(tmp_path):
-    """The README's demo command (fewer steps): held-out reward accuracy ends clearly above its start."""
+    """The README's demo command: held-out reward accuracy ends clearly above its start."""
     torchrun = Path(sys.executable).with_name("torchrun")
+    # The README's command; its assertions need the first and the last evaluation only.
     done = subprocess.run([str(torchrun), "--nproc-per-node", "2", str(REPO / "examples/train_mmpo.py"),
-                           "--config-name", "train_demo", "logging.progress_bar=false", f"train.output_dir={tmp_path}"],
+                           "--config-name", "train_demo", "logging.progress_bar=false", "train.eval_interval=125",
+                           f"train.output_dir={tmp_path}"],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["split"] == "eval"]
-    assert [r["step"] for r in evals] == [0, 25, 50, 75, 100, 125]
+    assert [r["step"] for r in evals] == [0, 125]
     assert evals[-1]["rewards/accuracies"] > evals[0]["rewards/accuracies"] + 0.1, evals
     # The policy itself moved towards right answers: implicit (policy vs reference) rewards agree.
     assert evals[0]["implicit_rewards/accuracies"] == 0.0  # policy == reference: all ties
@@ -413,29 +475,72 @@ def test_demo_held_out_reward_accuracy_rises(tmp_path):
     assert (tmp_path / "checkpoints" / "step_0000125" / "trainer_state.json").exists()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU smoke test: needs CUDA (run on the H100 machine)")
-def test_gpu_smoke_125m(tmp_path):
-    """A few bf16 steps of a ~125M model on one GPU with local_sdpa (and TE + fp8 when importable)."""
-    specs = ["local_sdpa"]
+def _transformer_engine_missing() -> str | None:
     try:
-        import transformer_engine  # noqa: F401
-        specs.append("transformer_engine")
-    except Exception:
-        pass
-    # local_sdpa packed: compiled flex_attention with a block mask, a whole micro-batch per row.
-    for spec, packing in [("local_sdpa", False), ("local_sdpa", True)] + [(s, False) for s in specs[1:]]:
-        cfg = make_config(tmp_path / f"{spec}_{packing}", steps=3)
-        cfg.device = cfg.parallel.device = "cuda"
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as exc:  # ImportError, or TE's own RuntimeError for a broken install
+        return f"Transformer Engine is not importable here ({type(exc).__name__}: {exc})"
+    return None
+
+
+NO_CUDA = "needs CUDA (tools/gpu_report.sh smoke runs it on the lent GPU)"
+
+
+def smoke_config(out, device, spec, packing=False, steps=3):
+    cfg = make_config(out, steps=steps)
+    cfg.device = cfg.parallel.device = device
+    cfg.model.layer_spec, cfg.model.fused_logprob_chunk = spec, 1024
+    cfg.data.packing = packing
+    cfg.precision.dtype = "bf16"
+    return cfg
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_gpu_smoke_125m(tmp_path):
+    """A few bf16 steps of a ~125M model on one GPU with local_sdpa, padded and packed (compiled
+    flex_attention with a block mask, a whole micro-batch per row): finite, and the loss falls."""
+    for packing in (False, True):
+        cfg = smoke_config(tmp_path / f"sdpa_{packing}", "cuda", "local_sdpa", packing=packing, steps=4)
         cfg.model = ModelConfig(num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=2048,
-                                max_position_embeddings=512, layer_spec=spec, fused_logprob_chunk=1024)
-        cfg.data.packing = packing
-        if spec == "transformer_engine":
-            cfg.precision.fp8 = "hybrid"
-        records = run_on_ranks(train_records, 1, cfg)[0]
-        train = [r for r in records if r["split"] == "train"]
-        assert len(train) == 3 and all(r["loss"] == r["loss"] for r in train)
+                                max_position_embeddings=512, layer_spec="local_sdpa", fused_logprob_chunk=1024)
+        train = [r for r in run_on_ranks(train_records, 1, cfg, fresh=True)[0] if r["split"] == "train"]
+        assert len(train) == 4 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in train)
         if packing:
             assert all(r["padding_fraction"] < 0.1 for r in train)
+
+
+# bf16 on both devices: different kernels and reduction orders, each rounding to 2^-8 relative.
+BF16_REL = 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_gpu_first_step_matches_the_cpu_run(tmp_path):
+    """The same tiny model, weights (seeded CPU initialisation) and data on CUDA and on CPU: the
+    first step's loss, log-probs and gradient norm agree within bf16 tolerance."""
+    records = {}
+    for device in ("cpu", "cuda"):
+        cfg = smoke_config(tmp_path / device, device, "local_sdpa", steps=1)
+        records[device] = [r for r in run_on_ranks(train_records, 1, cfg, fresh=True)[0] if r["split"] == "train"][0]
+    for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm"):
+        assert records["cuda"][key] == pytest.approx(records["cpu"][key], rel=BF16_REL, abs=1e-3), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.skipif(_transformer_engine_missing() is not None, reason=str(_transformer_engine_missing()))
+def test_gpu_transformer_engine_spec_and_fp8(tmp_path):
+    """TE layers in bf16 give local_sdpa's first step within bf16 tolerance; FP8 (hybrid, on a GPU
+    of capability >= 8.9) trains finite steps."""
+    first = {}
+    for spec in ("local_sdpa", "transformer_engine"):
+        cfg = smoke_config(tmp_path / spec, "cuda", spec, steps=1)
+        first[spec] = [r for r in run_on_ranks(train_records, 1, cfg, fresh=True)[0] if r["split"] == "train"][0]
+    for key in ("loss", "logps/chosen", "grad_norm"):
+        assert first["transformer_engine"][key] == pytest.approx(first["local_sdpa"][key], rel=BF16_REL, abs=1e-3), key
+    if torch.cuda.get_device_capability() >= (8, 9):
+        cfg = smoke_config(tmp_path / "fp8", "cuda", "transformer_engine", steps=3)
+        cfg.precision.fp8 = "hybrid"
+        train = [r for r in run_on_ranks(train_records, 1, cfg, fresh=True)[0] if r["split"] == "train"]
+        assert len(train) == 3 and all(math.isfinite(r["loss"]) for r in train)
 
 
 # ------------------------------------------------------------------------------------------ optimizer
@@ -494,13 +599,16 @@ def test_fused_chunked_output_layer_and_bf16_train_like_full_fp32_logits(tmp_pat
 # ------------------------------------------------------------------------------------------ packing
 
 
-def packed_or_not(root, packing, tp, pp, spec, chunk):
-    cfg = make_config(Path(root) / f"pack{int(packing)}_tp{tp}_pp{pp}_{spec}", tp=tp, pp=pp, steps=2)
-    cfg.data.packing = packing
-    cfg.model.layer_spec = spec
-    cfg.model.fused_logprob_chunk = chunk
-    cfg.train.eval_interval = 2
-    return train_records(cfg)
+def packed_and_padded(root, tp, pp, spec, chunk):
+    out = {}
+    for packing in (False, True):
+        cfg = make_config(Path(root) / f"pack{int(packing)}_tp{tp}_pp{pp}_{spec}", tp=tp, pp=pp, steps=2)
+        cfg.data.packing = packing
+        cfg.model.layer_spec = spec
+        cfg.model.fused_logprob_chunk = chunk
+        cfg.train.eval_interval = 2
+        out[packing] = train_records(cfg)
+    return out
 
 
 def test_default_pack_length_puts_a_micro_batch_in_one_row_only_where_flex_attention_trains():
@@ -514,11 +622,13 @@ def test_default_pack_length_puts_a_micro_batch_in_one_row_only_where_flex_atten
     assert default_pack_length(ModelConfig(layer_spec="local"), 1024, 8, "cuda") == 2048
 
 
-# The PP=2 case runs the fused head (completion tokens gathered out of packed rows).
-@pytest.mark.parametrize("tp,pp,spec,chunk", [(2, 1, "local", 0), (1, 2, "local_sdpa", 5)])
-def test_packed_training_equals_padded_training(tmp_path, tp, pp, spec, chunk):
-    padded = run_on_ranks(packed_or_not, 2, str(tmp_path), False, tp, pp, spec, chunk)[0]
-    packed = run_on_ranks(packed_or_not, 2, str(tmp_path), True, tp, pp, spec, chunk)[0]
+# The PP=2 case runs the fused head (completion tokens gathered out of packed rows); TP=2 x PP=2
+# packs under both; DP=2 packs each rank's own micro-batches.
+@pytest.mark.parametrize("world,tp,pp,spec,chunk", [(2, 2, 1, "local", 0), (2, 1, 2, "local_sdpa", 5),
+                                                    (4, 2, 2, "local", 5), (2, 1, 1, "local_sdpa", 0)])
+def test_packed_training_equals_padded_training(tmp_path, world, tp, pp, spec, chunk):
+    runs = run_on_ranks(packed_and_padded, world, str(tmp_path), tp, pp, spec, chunk)[0]
+    padded, packed = runs[False], runs[True]
     assert [r["split"] for r in packed] == ["eval", "train", "train", "eval"]
     assert packed[1]["padding_fraction"] < padded[1]["padding_fraction"]
     for a, b in zip(padded, packed):

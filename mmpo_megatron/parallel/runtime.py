@@ -89,6 +89,12 @@ def initialize_parallel(config: ParallelConfig | None = None, **overrides) -> Pa
         raise TypeError("pass a ParallelConfig or keyword overrides, not both")
     config = config or ParallelConfig(**overrides)
     device = resolve_device(config.device)
+    if device == "cuda":
+        from mmpo_megatron.parallel.cpu_shim import cpu_shims_installed
+
+        if cpu_shims_installed():  # it maps every "cuda" tensor to the CPU: the run would silently be a CPU run
+            raise RuntimeError("this process already ran megatron on CPU (the CPU shim is installed); "
+                               "a CUDA run needs a fresh process")
 
     if not dist.is_initialized():
         _ensure_single_process_env()

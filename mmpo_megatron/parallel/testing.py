@@ -1,13 +1,28 @@
 """Run a function on N local gloo processes and collect what each rank returns (for tests).
 
-Start-up (interpreter, torch and megatron imports: ~3-4 s a process) dominates a test, so a
-test should group several checks, and several layouts, into one call.
+Start-up (interpreter, torch and megatron imports: ~4-5 s a process, ~10 s for four on two cores)
+dominated the suite, so the processes are pooled: one pool per world size, started on first use,
+kept for the session, each task a function the ranks run together. Between tasks megatron's
+groups are torn down (the torch.distributed group stays, or is re-created on a fresh port when a
+task destroyed it), so a task may visit any layout.
+
+A task that deadlocks would otherwise wait for gloo's own timeout (30 minutes): after ``timeout``
+seconds the ranks still running print their Python stacks, are stopped and named
+(RanksTimedOut), and the pool is replaced. A rank that raises fails the call with its traceback;
+ranks left waiting for it in a collective are stopped too.
 """
 
 from __future__ import annotations
 
+import atexit
+import faulthandler
 import os
+import queue
+import signal
+import sys
 import tempfile
+import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,38 +31,196 @@ import torch.multiprocessing as mp
 
 from mmpo_megatron.parallel.runtime import destroy_parallel, free_port
 
+DEFAULT_TIMEOUT_S = 420.0
+"""Longer than any multi-rank task of the suite takes on the 2-core CI machine (the longest ~70 s)."""
 
-def _rank_main(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_dir: str, args: tuple, kwargs: dict) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-    )
-    # More ranks than cores: one thread each avoids oversubscription stalls.
-    torch.set_num_threads(1)
-    try:
-        result = fn(*args, **kwargs)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        destroy_parallel(destroy_process_group=True)
+FAILURE_GRACE_S = 15.0
+"""After one rank fails, how long the others get to finish before they count as stuck in a collective."""
 
 
-def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, **kwargs: Any) -> list[Any]:
-    """Spawn ``world_size`` processes that each run ``fn(*args, **kwargs)``; return results by rank.
+class RanksTimedOut(TimeoutError):
+    """Ranks were still running when run_on_ranks' time limit passed (a deadlock, most likely)."""
 
-    ``fn`` must be importable (module level) and calls ``initialize_parallel`` itself, so it can
-    visit several layouts. A failure in any rank raises here with that rank's traceback.
-    """
+
+class RankFailed(RuntimeError):
+    """A rank raised; the message holds its traceback."""
+
+
+def _set_rank_env(rank: int, world_size: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     # Children re-import megatron, which warns about missing TE/Apex once per process and module.
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::DeprecationWarning,ignore::FutureWarning")
+    # On a time-out the parent sends SIGUSR1: every thread's stack goes to stderr, to show where it hangs.
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    # More ranks than cores: one thread each avoids oversubscription stalls.
+    torch.set_num_threads(1)
+
+
+def _run_task(rank: int, fn: Callable[..., Any], args: tuple, kwargs: dict, port: int, out_dir: str) -> tuple[bool, str]:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # the first task, or the last one destroyed the group
+        os.environ["MASTER_PORT"] = str(port)
+    try:
+        result = fn(*args, **kwargs)
+        path = Path(out_dir) / f"rank{rank}.pt"
+        torch.save(result, path)
+        return True, str(path)
+    except BaseException:  # noqa: BLE001  (reported to the parent, which raises it)
+        return False, traceback.format_exc()
+    finally:
+        destroy_parallel()
+
+
+def _pool_worker(rank: int, world_size: int, tasks, results, parent: int) -> None:
+    _set_rank_env(rank, world_size)
+    while True:
+        try:
+            task = tasks.get(timeout=5.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the test session is gone
+                return
+            continue
+        if task is None:
+            return
+        fn, args, kwargs, port, out_dir = task
+        ok, payload = _run_task(rank, fn, args, kwargs, port, out_dir)
+        results.put((rank, ok, payload))
+
+
+class RankPool:
+    """``world_size`` spawned processes that run tasks together (see the module docstring)."""
+
+    def __init__(self, world_size: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        self._first_failure_at = 0.0
+        self.tasks = [ctx.Queue() for _ in range(world_size)]
+        self.results = ctx.Queue()
+        # Not daemonic: megatron's checkpoint writer starts processes of its own.
+        self.processes = [ctx.Process(target=_pool_worker, args=(rank, world_size, self.tasks[rank], self.results, os.getpid()),
+                                      name=f"mmpo-rank{rank}") for rank in range(world_size)]
+        for process in self.processes:
+            process.start()
+
+    def run(self, fn: Callable[..., Any], args: tuple, kwargs: dict, timeout: float) -> list[Any]:
+        """Every rank runs ``fn(*args, **kwargs)``; results by rank."""
+        with tempfile.TemporaryDirectory(prefix="mmpo-ranks-") as out_dir:
+            port = free_port()
+            for task_queue in self.tasks:
+                task_queue.put((fn, args, kwargs, port, out_dir))
+            done: dict[int, tuple[bool, str]] = {}
+            deadline = time.monotonic() + timeout
+            while len(done) < self.world_size:
+                failed = [r for r, (ok, _) in done.items() if not ok]
+                wait_until = min(deadline, self._first_failure_at + FAILURE_GRACE_S) if failed else deadline
+                try:
+                    rank, ok, payload = self.results.get(timeout=max(0.05, min(1.0, wait_until - time.monotonic())))
+                except queue.Empty:
+                    if any(not p.is_alive() for p in self.processes):
+                        self._raise_stopped(fn, done, "a rank process died")
+                    if time.monotonic() >= wait_until:
+                        self._raise_stopped(fn, done, None if failed else f"still running after {timeout:.0f} s")
+                    continue
+                if not ok and not any(not o for o, _ in done.values()):
+                    self._first_failure_at = time.monotonic()
+                done[rank] = (ok, payload)
+            failures = {r: payload for r, (ok, payload) in done.items() if not ok}
+            if failures:
+                rank = min(failures)
+                raise RankFailed(f"{_name(fn)} failed on rank {rank}:\n{failures[rank]}")
+            return [torch.load(done[r][1], weights_only=False) for r in range(self.world_size)]
+
+    def _raise_stopped(self, fn: Callable[..., Any], done: dict, why: str | None) -> None:
+        stuck = [r for r in range(self.world_size) if r not in done]
+        for rank in stuck:
+            if self.processes[rank].is_alive():
+                os.kill(self.processes[rank].pid, signal.SIGUSR1)
+        time.sleep(1.0)  # let faulthandler write the stacks
+        self.close(force=True)
+        failures = {r: payload for r, (ok, payload) in done.items() if not ok}
+        if failures:
+            rank = min(failures)
+            raise RankFailed(f"{_name(fn)} failed on rank {rank} (rank(s) {stuck} were left waiting and were stopped):\n"
+                             f"{failures[rank]}")
+        raise RanksTimedOut(f"{_name(fn)}: rank(s) {stuck} {why} (a collective that not every rank reached?); "
+                            f"their stacks are printed above")
+
+    def alive(self) -> bool:
+        """Whether every rank process is still running."""
+        return all(p.is_alive() for p in self.processes)
+
+    def close(self, force: bool = False) -> None:
+        """Stop the processes (politely unless ``force``)."""
+        if not force:
+            for task_queue in self.tasks:
+                task_queue.put(None)
+            for process in self.processes:
+                process.join(timeout=10)
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=10)
+        if _POOLS.get(self.world_size) is self:
+            del _POOLS[self.world_size]
+
+
+_POOLS: dict[int, RankPool] = {}
+
+
+@atexit.register
+def close_pools() -> None:
+    """Stop every pool (at interpreter exit)."""
+    for pool in list(_POOLS.values()):
+        pool.close()
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__name__", repr(fn))
+
+
+def _spawned_rank_main(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_dir: str, args: tuple,
+                       kwargs: dict) -> None:
+    _set_rank_env(rank, world_size)
+    ok, payload = _run_task(rank, fn, args, kwargs, port, out_dir)
+    destroy_parallel(destroy_process_group=True)
+    if not ok:
+        raise RankFailed(payload)
+
+
+def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT_S,
+                 fresh: bool = False, **kwargs: Any) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return each rank's result, by rank.
+
+    ``fn`` must be importable (module level) and calls ``initialize_parallel`` itself, so it can
+    visit several layouts. ``fresh=True`` spawns new processes instead of the pooled ones (CUDA
+    runs need them: a pooled process may hold the CPU shim). A rank that raises fails the call
+    with its traceback; ranks still running after ``timeout`` seconds are stopped and named.
+    """
+    if fresh:
+        return _run_fresh(fn, world_size, args, kwargs, timeout)
+    pool = _POOLS.get(world_size)
+    if pool is None or not pool.alive():
+        if pool is not None:
+            pool.close(force=True)
+        pool = _POOLS[world_size] = RankPool(world_size)
+    return pool.run(fn, args, kwargs, timeout)
+
+
+def _run_fresh(fn: Callable[..., Any], world_size: int, args: tuple, kwargs: dict, timeout: float) -> list[Any]:
     with tempfile.TemporaryDirectory(prefix="mmpo-ranks-") as out_dir:
-        mp.start_processes(
-            _rank_main,
-            args=(fn, world_size, free_port(), out_dir, args, kwargs),
-            nprocs=world_size,
-            join=True,
-            start_method="spawn",
-        )
+        context = mp.start_processes(_spawned_rank_main, args=(fn, world_size, free_port(), out_dir, args, kwargs),
+                                     nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                stuck = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
+                for rank in stuck:
+                    os.kill(context.processes[rank].pid, signal.SIGUSR1)
+                time.sleep(1.0)
+                for process in context.processes:
+                    if process.is_alive():
+                        process.kill()
+                raise RanksTimedOut(f"{_name(fn)}: rank(s) {stuck} still running after {timeout:.0f} s (a collective "
+                                    f"that not every rank reached?); their stacks are printed above")
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
