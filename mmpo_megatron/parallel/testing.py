@@ -2,9 +2,8 @@
 
 Start-up (interpreter, torch and megatron imports: ~4-5 s a process, ~10 s for four on two cores)
 dominated the suite, so the processes are pooled: one pool per world size, started on first use,
-kept for the session, each task a function the ranks run together. Between tasks megatron's
-groups are torn down (the torch.distributed group stays, or is re-created on a fresh port when a
-task destroyed it), so a task may visit any layout.
+kept for the session, each task a function the ranks run together. After each task every
+process group is destroyed; the next task creates its own on a fresh port, at any layout.
 
 A task that deadlocks would otherwise wait for gloo's own timeout (30 minutes): after ``timeout``
 seconds the ranks still running print their Python stacks, are stopped and named
@@ -59,7 +58,7 @@ def _set_rank_env(rank: int, world_size: int) -> None:
 def _run_task(rank: int, fn: Callable[..., Any], args: tuple, kwargs: dict, port: int, out_dir: str) -> tuple[bool, str]:
     import torch.distributed as dist
 
-    if not dist.is_initialized():  # the first task, or the last one destroyed the group
+    if not dist.is_initialized():
         os.environ["MASTER_PORT"] = str(port)
     try:
         result = fn(*args, **kwargs)
@@ -69,7 +68,9 @@ def _run_task(rank: int, fn: Callable[..., Any], args: tuple, kwargs: dict, port
     except BaseException:  # noqa: BLE001  (reported to the parent, which raises it)
         return False, traceback.format_exc()
     finally:
-        destroy_parallel()
+        # Every group goes, the default one too: megatron drops its groups without destroying them,
+        # and gloo groups left alive keep threads that cost an idle pooled rank a tenth of a core.
+        destroy_parallel(destroy_process_group=True)
 
 
 def _pool_worker(rank: int, world_size: int, tasks, results, parent: int) -> None:
@@ -183,7 +184,6 @@ def _spawned_rank_main(rank: int, fn: Callable[..., Any], world_size: int, port:
                        kwargs: dict) -> None:
     _set_rank_env(rank, world_size)
     ok, payload = _run_task(rank, fn, args, kwargs, port, out_dir)
-    destroy_parallel(destroy_process_group=True)
     if not ok:
         raise RankFailed(payload)
 
