@@ -54,8 +54,8 @@ def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # per-bucket parameter listings
-    from mmpo_megatron.train.checkpoint import DamagedCheckpointError
-    from mmpo_megatron.train.loop import run_training
+    from mmpo_megatron.model.checkpoint import DamagedCheckpointError
+    from mmpo_megatron.train.trainer import run_training
 
     try:
         run_training(resolve_config(cfg))

@@ -482,9 +482,12 @@ class ReferenceConfig:
 
     mode: str = "precompute"
     """precompute: one forward pass over train and eval pairs before training, cached on disk (keyed
-    by data, weights and model fingerprints) and reused on restart: offline training repeats epochs,
-    so this saves a reference forward per step. resident: a second frozen model on the device,
-    run per global batch before the policy step."""
+    by data, weights, model and numerics) and reused on restart: offline training repeats epochs,
+    so this saves a reference forward per step, and no reference weights stay on the device.
+    resident: a second frozen model on the device, run on each step's pairs (one more copy of the
+    weights). cpu_swap: the reference weights wait in pinned CPU memory and are copied into the
+    policy's parameters for each reference forward and back (two weight copies over PCIe a step,
+    no second copy on the device)."""
 
     checkpoint: str | None = None
     """Reference weights; None means the policy's starting weights (the SFT model)."""
@@ -493,7 +496,8 @@ class ReferenceConfig:
     """Where precomputed log-probs live; None means <output_dir>/reference_cache."""
 
     def __post_init__(self) -> None:
-        _require(self.mode in ("precompute", "resident"), "reference.mode", f"must be precompute or resident, got {self.mode!r}")
+        _require(self.mode in ("precompute", "resident", "cpu_swap"), "reference.mode",
+                 f"must be precompute, resident or cpu_swap, got {self.mode!r}")
 
 
 @dataclass
@@ -548,7 +552,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.device in ("auto", "cuda", "cpu"), "device", f"must be auto, cuda or cpu, got {self.device!r}")
         self.parallel.device = self.device
-        if not self.loss.needs_reference and self.reference.mode == "resident":
+        if not self.loss.needs_reference and self.reference.mode != "precompute":
             # SimPO needs no reference: never build one.
             self.reference.mode = "precompute"
         if self.precision.fp8 is not None:

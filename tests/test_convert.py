@@ -80,7 +80,7 @@ def megatron_logits(root, names, tokens):
     from mmpo_megatron.convert.llama import model_config_from_hf
     from mmpo_megatron.model.builder import build_model_chunks
     from mmpo_megatron.parallel import initialize_parallel
-    from mmpo_megatron.train.checkpoint import load_weights
+    from mmpo_megatron.model.checkpoint import load_weights
 
     if not ps.model_parallel_is_initialized():
         initialize_parallel(tensor_parallel=dist.get_world_size() if dist.is_initialized() else 1, device="cpu")
@@ -134,7 +134,7 @@ def score_and_train(root):
 
     from mmpo_megatron.config import (CheckpointConfig, DataConfig, DataSourceConfig, LoggingConfig, ModelConfig,
                                       OptimConfig, ParallelConfig, TrainConfig, TrainerConfig)
-    from mmpo_megatron.train.loop import run_training
+    from mmpo_megatron.train.trainer import run_training
 
     root = Path(root)
     score_pairs(argparse.Namespace(checkpoint=str(root / "llama3_mcore"), reference=None, data="embedded",

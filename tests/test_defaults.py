@@ -248,7 +248,7 @@ def small_config(out, steps=3, **kw):
 
 
 def train(cfg):
-    from mmpo_megatron.train.loop import run_training
+    from mmpo_megatron.train.trainer import run_training
 
     return run_training(cfg)
 
@@ -331,7 +331,7 @@ def run_folder_cases(root):
     damaged newest checkpoint: resume from the intact one; all damaged: an error naming them."""
     import torch.distributed as dist  # noqa: F401
 
-    from mmpo_megatron.train.checkpoint import DamagedCheckpointError
+    from mmpo_megatron.model.checkpoint import DamagedCheckpointError
 
     root = Path(root)
     out = {}
@@ -384,7 +384,7 @@ def test_run_folders_restart_resume_and_survive_a_damaged_checkpoint(tmp_path, c
 
 
 def test_checkpoint_manifest_detects_truncation_and_missing_files(tmp_path):
-    from mmpo_megatron.train.checkpoint import MANIFEST, checkpoint_damage, resolve_checkpoint, DamagedCheckpointError
+    from mmpo_megatron.model.checkpoint import MANIFEST, checkpoint_damage, resolve_checkpoint, DamagedCheckpointError
 
     folder = tmp_path / "step_0000001"
     folder.mkdir()
@@ -404,7 +404,7 @@ def test_checkpoint_manifest_detects_truncation_and_missing_files(tmp_path):
 
 
 def test_reference_cache_key_covers_what_changes_reference_values():
-    from mmpo_megatron.train.loop import reference_cache_key
+    from mmpo_megatron.train.setup import reference_cache_key
 
     base = small_config("unused")
 

@@ -61,7 +61,7 @@ def make_config(out, *, loss="mmpo", tp=1, pp=1, vpp=None, steps=1, **sections):
 
 
 def train_records(cfg):
-    from mmpo_megatron.train.loop import run_training
+    from mmpo_megatron.train.trainer import run_training
 
     return run_training(cfg)
 
@@ -109,7 +109,7 @@ def init_and_base(root):
     """Initial weights at TP=PP=1 (the common start of every layout), then the baseline runs."""
     from mmpo_megatron.model.builder import build_model_chunks
     from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
-    from mmpo_megatron.train.checkpoint import save_checkpoint
+    from mmpo_megatron.model.checkpoint import save_checkpoint
 
     cfg = make_config(Path(root) / "unused")
     initialize_parallel(device="cpu")
@@ -141,7 +141,7 @@ def final_weights(root, names):
     """Every run's final checkpoint loaded at TP=PP=1 (resharding), as plain tensors."""
     from mmpo_megatron.model.builder import build_model_chunks
     from mmpo_megatron.parallel import initialize_parallel
-    from mmpo_megatron.train.checkpoint import load_weights
+    from mmpo_megatron.model.checkpoint import load_weights
 
     cfg = make_config(Path(root) / "unused")
     initialize_parallel(device="cpu")
@@ -238,14 +238,14 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
         for key in ("loss", "grad_norm", "lr", "rewards/margins", "logps/chosen"):
             assert resumed[step][key] == full[step][key], (step, key)
     assert full[4]["lr"] != full[6]["lr"]  # the schedule really moves, so equal lrs are not vacuous
-    from mmpo_megatron.train.checkpoint import latest_checkpoint
+    from mmpo_megatron.model.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").name == "step_0000006"
     assert (tmp_path / "full" / "metrics.jsonl").exists() and (tmp_path / "full" / "config.yaml").exists()
 
 
 def test_interrupted_save_leaves_previous_checkpoint_newest(tmp_path):
-    from mmpo_megatron.train.checkpoint import TRAINER_STATE, latest_checkpoint, resolve_checkpoint
+    from mmpo_megatron.model.checkpoint import TRAINER_STATE, latest_checkpoint, resolve_checkpoint
 
     root = tmp_path / "checkpoints"
     (root / "step_0000002").mkdir(parents=True)
@@ -269,10 +269,12 @@ def reference_modes_and_scores(root):
 
     root = Path(root)
     out = {}
-    for mode in ("precompute", "resident"):
-        out[mode] = train_records(make_config(root / mode, tp=2, steps=3, reference=ReferenceConfig(mode=mode),
-                                              train=TrainerConfig(global_batch_size=8, micro_batch_size=2, max_steps=3,
-                                                                  eval_interval=3, output_dir=str(root / mode))))
+    for tp, pp in ((2, 1), (1, 2)):
+        for mode in REFERENCE_MODES:
+            name = mode if (tp, pp) == (2, 1) else f"{mode}_pp2"
+            out[name] = train_records(make_config(root / name, tp=tp, pp=pp, steps=3, reference=ReferenceConfig(mode=mode),
+                                                  train=TrainerConfig(global_batch_size=8, micro_batch_size=2, max_steps=3,
+                                                                      eval_interval=3, output_dir=str(root / name))))
     # A reference that differs from the policy: one step at another learning rate.
     train_records(make_config(root / "other_ref", tp=2, steps=1, optim=OptimConfig(lr=3e-2, warmup_ratio=0.0)))
     for checkpoint, output in (("precompute", "scores_tp2.jsonl"), ("other_ref", "other_ref_tp2.jsonl")):
@@ -296,15 +298,26 @@ def score_tp1(root):
     return score_pairs(args)
 
 
+REFERENCE_MODES = ("precompute", "resident", "cpu_swap")
+
+
 def test_reference_modes_agree_and_tp2_checkpoint_scores_equally_at_tp1(tmp_path):
+    """precompute, resident and cpu_swap give the same reference log-probs (the implicit rewards
+    beta * (policy - reference) once the policy has moved) and training metrics, at TP=2 and PP=2."""
     runs = run_on_ranks(reference_modes_and_scores, 2, str(tmp_path))[0]
-    for split in ("train", "eval"):
-        pre = [r for r in runs["precompute"] if r["split"] == split]
-        res = [r for r in runs["resident"] if r["split"] == split]
-        assert len(pre) == len(res) > 0
-        for a, b in zip(pre, res):
-            for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), (split, a["step"], key)
+    for suffix in ("", "_pp2"):
+        for split in ("train", "eval"):
+            base = [r for r in runs["precompute" + suffix] if r["split"] == split]
+            assert len(base) > 0
+            if split == "train":  # the policy moved: implicit rewards are reference-dependent, non-zero
+                assert abs(base[-1]["implicit_rewards/chosen"]) > 1e-4
+            for mode in REFERENCE_MODES[1:]:
+                other = [r for r in runs[mode + suffix] if r["split"] == split]
+                assert len(other) == len(base), (mode, suffix, split)
+                for a, b in zip(base, other):
+                    for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                                "implicit_rewards/chosen", "implicit_rewards/rejected"):
+                        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (mode + suffix, split, a["step"], key)
     summary = run_on_ranks(score_tp1, 1, str(tmp_path))[0]
     tp2 = [json.loads(line) for line in (tmp_path / "scores_tp2.jsonl").read_text().splitlines()]
     tp1 = [json.loads(line) for line in (tmp_path / "scores_tp1.jsonl").read_text().splitlines()]
@@ -327,12 +340,12 @@ def test_reference_modes_agree_and_tp2_checkpoint_scores_equally_at_tp1(tmp_path
 # ------------------------------------------------------------------------------------------ non-finite steps
 
 
-def training_state(trainer):
+def training_state(model):
     """Every number a skipped step must leave alone: parameters, and per parameter shard the
     optimizer's fp32 master copy and Adam state."""
-    params = {n: p.detach().clone() for chunk in trainer.chunks for n, p in chunk.named_parameters()}
+    params = {n: p.detach().clone() for chunk in model.chunks for n, p in chunk.named_parameters()}
     optimizer = []
-    for inner in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+    for inner in getattr(model.optimizer, "chained_optimizers", [model.optimizer]):
         torch_opt = inner.optimizer
         for group in torch_opt.param_groups:
             for param in group["params"]:
@@ -345,9 +358,10 @@ def nonfinite_runs(root, bad_steps, poisoned_dp_rank=None, steps=3):
     """A run whose loss is NaN at ``bad_steps`` (on every DP rank, or one); the state after each step."""
     from megatron.core import parallel_state as ps
 
-    from mmpo_megatron.train import loop, step
+    from mmpo_megatron.model import objective
+    from mmpo_megatron.train import trainer
 
-    original_loss, original_log = step.preference_loss, loop._Trainer._log
+    original_loss, original_log = objective.preference_loss, trainer.Trainer.log
     calls = {"n": 0}
     snapshots = {}
 
@@ -362,19 +376,19 @@ def nonfinite_runs(root, bad_steps, poisoned_dp_rank=None, steps=3):
 
     def log_and_snapshot(self, logger, at_step, split, metrics):
         if split == "train":
-            snapshots[at_step] = training_state(self)
+            snapshots[at_step] = training_state(self.model)
         original_log(self, logger, at_step, split, metrics)
 
-    step.preference_loss, loop._Trainer._log = poisoned, log_and_snapshot
+    objective.preference_loss, trainer.Trainer.log = poisoned, log_and_snapshot
     cfg = make_config(Path(root), steps=steps, optim=OptimConfig(lr=1e-2, warmup_ratio=0.34, decay_style="cosine", adam_eps=1e-4),
                       train=TrainerConfig(global_batch_size=8, micro_batch_size=2, max_steps=steps, eval_interval=0,
                                           output_dir=str(root), max_nonfinite_steps=2))
     try:
         return {"records": train_records(cfg), "snapshots": snapshots}
-    except loop.NonFiniteAbort as exc:
+    except trainer.NonFiniteAbort as exc:
         return {"abort": str(exc)}
     finally:
-        step.preference_loss, loop._Trainer._log = original_loss, original_log
+        objective.preference_loss, trainer.Trainer.log = original_loss, original_log
 
 
 def nonfinite_cases(root):
@@ -549,7 +563,7 @@ def test_gpu_transformer_engine_spec_and_fp8(tmp_path):
 def optimizer_groups(root):
     from mmpo_megatron.model.builder import build_model_chunks
     from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
-    from mmpo_megatron.train.optimizer import wrap_for_training
+    from mmpo_megatron.model.optimizer import wrap_for_training
 
     cfg = make_config(Path(root))
     initialize_parallel(device="cpu")

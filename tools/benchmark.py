@@ -114,9 +114,19 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
     from mmpo_megatron.config import LossConfig, OptimConfig, ParallelConfig, PrecisionConfig
     from mmpo_megatron.data.tokenizer import build_byte_tokenizer
     from mmpo_megatron.model.builder import build_model_chunks, default_pack_length, resolve_dtype, unwrap
-    from mmpo_megatron.train.optimizer import wrap_for_training
-    from mmpo_megatron.train.reference import microbatches_for
-    from mmpo_megatron.train.step import train_microbatches
+    from mmpo_megatron.model.objective import objective_for
+    from mmpo_megatron.model.optimizer import wrap_for_training
+    from mmpo_megatron.model.preference_model import MegatronPreferenceModel, lr_schedule
+    from mmpo_megatron.model.reference import ReferenceSource
+    from mmpo_megatron.model.schedule import HeadAndMask
+
+    class RandomReference(ReferenceSource):
+        """Reference log-probs drawn at random: the benchmark times the policy step, as TRL's precompute mode does."""
+
+        def fill(self, model, micro_batches):
+            for micro in micro_batches:
+                micro.ref_chosen = -torch.rand(micro.batch.num_pairs, device=model.device) * 100
+                micro.ref_rejected = -torch.rand(micro.batch.num_pairs, device=model.device) * 100
 
     device = layout.device
     precision = PrecisionConfig()
@@ -124,35 +134,35 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
     vocab = model_cfg.vocab_size or 32000
     chunks = build_model_chunks(model_cfg, ParallelConfig(device=device.type), precision, vocab_size=vocab, device=device.type)
     # The trainer's DDP and optimizer (fp32 masters, distributed optimizer) at the GPU baseline's lr and clipping.
-    ddp, optimizer = wrap_for_training(chunks, OptimConfig(lr=1e-6, clip_grad=1.0), dtype)
+    optim = OptimConfig(lr=1e-6, clip_grad=1.0, warmup_ratio=0.0, decay_style="constant")
+    ddp, optimizer = wrap_for_training(chunks, optim, dtype)
     params = sum(p.numel() for p in unwrap(chunks[0]).parameters())
     tokenizer = build_byte_tokenizer()
     rng = random.Random(args.seed)
-    loss = LossConfig()
     pack_length = None
     if args.packing:
         pack_length = args.pack_length or default_pack_length(model_cfg, args.max_length, pairs_per_step, device.type)
+    model = MegatronPreferenceModel(ddp, objective_for(LossConfig()), vocab_size=vocab, pad_id=0,
+                                    head_and_mask=HeadAndMask.of(model_cfg), pad_to_multiple=16, pack_length=pack_length,
+                                    micro_batch_size=pairs_per_step, optimizer=optimizer,
+                                    scheduler=lr_schedule(optimizer, optim, args.warmup + args.steps))
+    model.set_reference(RandomReference())
     step_times, real_tokens, padded_tokens = [], 0, 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(args.warmup + args.steps):
         pairs = tokenised(text_pairs(pairs_per_step, lengths, args.max_length, rng), tokenizer)
-        micro = microbatches_for(pairs, range(pairs_per_step), 0, 16, device, vocab, pack_length)
-        micro.ref_chosen = -torch.rand(pairs_per_step, device=device) * 100
-        micro.ref_rejected = -torch.rand(pairs_per_step, device=device) * 100
+        micro = model.micro_batches(pairs, [range(pairs_per_step)])
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        ddp[0].zero_grad_buffer()
-        optimizer.zero_grad()
-        train_microbatches(ddp, [micro], loss)
-        optimizer.step()
+        model.train_step(micro)  # the trainer's own step
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= args.warmup:
             step_times.append(time.perf_counter() - start)
-            real_tokens += micro.batch.real_tokens()
-            padded_tokens += (micro.packed.input_ids if micro.packed is not None else micro.batch.input_ids).numel()
+            real_tokens += micro[0].batch.real_tokens()
+            padded_tokens += (micro[0].packed.input_ids if micro[0].packed is not None else micro[0].batch.input_ids).numel()
     total = sum(step_times)
     achieved = 6 * params * real_tokens / total / 1e12
     return {

@@ -51,13 +51,15 @@ def score_pairs(args: argparse.Namespace) -> dict | None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from mmpo_megatron.config import DataConfig, DataSourceConfig, ModelConfig, ParallelConfig, PrecisionConfig
+    from mmpo_megatron.config import DataConfig, DataSourceConfig, LossConfig, ModelConfig, ParallelConfig, PrecisionConfig
     from mmpo_megatron.data.pipeline import build_pairs, held_out_split
     from mmpo_megatron.data.tokenizer import load_tokenizer
     from mmpo_megatron.model.builder import build_model_chunks
     from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
-    from mmpo_megatron.train.checkpoint import TRAINER_STATE, load_weights, resolve_checkpoint
-    from mmpo_megatron.train.reference import score_dataset
+    from mmpo_megatron.model.checkpoint import TRAINER_STATE, load_weights, resolve_checkpoint
+    from mmpo_megatron.model.objective import objective_for
+    from mmpo_megatron.model.preference_model import MegatronPreferenceModel
+    from mmpo_megatron.model.schedule import HeadAndMask
 
     policy_path = resolve_checkpoint(args.checkpoint)
     state = json.loads((policy_path / TRAINER_STATE).read_text())
@@ -86,8 +88,10 @@ def score_pairs(args: argparse.Namespace) -> dict | None:
         def scores_of(path):
             chunks = build_model_chunks(model, parallel, precision, vocab_size=state["vocab_size"], device=layout.device.type)
             load_weights(path, chunks)
-            return score_dataset(chunks, pairs, args.micro_batch_size, tokenizer.pad_token_id, data.pad_to_multiple,
-                                 layout.device, state["vocab_size"])
+            scorer = MegatronPreferenceModel(chunks, objective_for(LossConfig()), vocab_size=state["vocab_size"],
+                                             pad_id=tokenizer.pad_token_id, head_and_mask=HeadAndMask.of(model),
+                                             pad_to_multiple=data.pad_to_multiple, micro_batch_size=args.micro_batch_size)
+            return scorer.score(pairs)
 
         policy = scores_of(policy_path)
         reference = scores_of(resolve_checkpoint(args.reference)) if args.reference else None
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from mmpo_megatron.config import ConfigError
     from mmpo_megatron.data.formats import DataError
-    from mmpo_megatron.train.checkpoint import DamagedCheckpointError
+    from mmpo_megatron.model.checkpoint import DamagedCheckpointError
 
     from mmpo_megatron.parallel import destroy_parallel
 

@@ -149,7 +149,7 @@ def convert_hf_to_megatron(
     ``dtype="auto"`` keeps the dtype the HF weights are in (hf_weight_dtype); bf16/fp32 force one.
     """
     from mmpo_megatron.model.builder import padded_vocab_size, unwrap, validate_layout
-    from mmpo_megatron.train.checkpoint import save_to
+    from mmpo_megatron.model.checkpoint import save_to
 
     hf_dir, output = Path(hf_dir), Path(output)
     hf = read_hf_config(hf_dir)
@@ -205,7 +205,7 @@ def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype:
     from safetensors.torch import save_file
 
     from mmpo_megatron.model.builder import unwrap
-    from mmpo_megatron.train.checkpoint import TRAINER_STATE, load_weights, resolve_checkpoint
+    from mmpo_megatron.model.checkpoint import TRAINER_STATE, load_weights, resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     state = json.loads((path / TRAINER_STATE).read_text())
@@ -277,7 +277,7 @@ def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype:
 def run_cli(convert: Callable[[], Path]) -> int:
     """Run a conversion for a command-line tool: exit code 2 with the message on bad input."""
     from mmpo_megatron.parallel import destroy_parallel
-    from mmpo_megatron.train.checkpoint import DamagedCheckpointError
+    from mmpo_megatron.model.checkpoint import DamagedCheckpointError
 
     try:
         out = convert()

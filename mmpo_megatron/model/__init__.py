@@ -1,5 +1,18 @@
-"""Model construction: the one builder of megatron-core models, and the SDPA attention module."""
+"""Models: the one builder of megatron-core models, and the policy-and-reference preference model."""
 
 from mmpo_megatron.model.builder import build_model_chunks, padded_vocab_size, transformer_config, unwrap, validate_layout
+from mmpo_megatron.model.preference_model import MegatronPreferenceModel
+from mmpo_megatron.model.reference import CpuSwapReference, PrecomputedReference, ReferenceSource, ResidentReference
 
-__all__ = ["build_model_chunks", "padded_vocab_size", "transformer_config", "unwrap", "validate_layout"]
+__all__ = [
+    "CpuSwapReference",
+    "MegatronPreferenceModel",
+    "PrecomputedReference",
+    "ReferenceSource",
+    "ResidentReference",
+    "build_model_chunks",
+    "padded_vocab_size",
+    "transformer_config",
+    "unwrap",
+    "validate_layout",
+]

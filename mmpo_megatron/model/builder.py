@@ -148,17 +148,15 @@ def build_model_chunks(
             rope_scaling_factor=model.rope_scaling_factor,
             vp_stage=vp_stage,
         )
-        # How packed rows are masked: a flex_attention block mask where our SDPA module runs.
-        gpt.packed_attention = "flex" if model.layer_spec == "local_sdpa" else "dense"
         if gpt.post_process and model.fused_logprob_chunk > 0:
-            _defer_output_layer(gpt, model.fused_logprob_chunk)
+            _defer_output_layer(gpt)
         gpt.to(device)
         chunks.append(Float16Module(config, gpt) if config.bf16 else gpt)
     return chunks
 
 
-def _defer_output_layer(gpt: torch.nn.Module, chunk: int) -> None:
-    """Make the output layer pass hidden states through; the loss applies it fused (logprobs).
+def _defer_output_layer(gpt: torch.nn.Module) -> None:
+    """Make the output layer pass hidden states through; the log-probs apply it fused (logprobs).
 
     The layer keeps its weight (same checkpoint names), only its forward changes.
     """
@@ -168,17 +166,18 @@ def _defer_output_layer(gpt: torch.nn.Module, chunk: int) -> None:
         return hidden_states, None
 
     gpt.output_layer.forward = types.MethodType(passthrough, gpt.output_layer)
-    gpt.fused_logprob_chunk = chunk
 
 
-def fused_output_head(chunk: torch.nn.Module) -> tuple[torch.Tensor, int] | None:
-    """(output weight shard, token chunk) when this chunk's output layer is deferred, else None."""
+def output_weight(chunk: torch.nn.Module) -> torch.Tensor:
+    """This last-stage chunk's output weight shard (the embedding when tied)."""
     gpt = unwrap(chunk)
-    size = getattr(gpt, "fused_logprob_chunk", 0)
-    if not size:
-        return None
-    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
-    return weight, size
+    return gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
+
+
+def packed_attention_kind(model: ModelConfig) -> str:
+    """How packed rows are masked on this layer spec: a flex_attention block mask where our SDPA
+    module runs (local_sdpa), else a dense block-diagonal mask."""
+    return "flex" if model.layer_spec == "local_sdpa" else "dense"
 
 
 def default_pack_length(model: ModelConfig, max_length: int, micro_batch_size: int, device: str) -> int:
@@ -196,13 +195,13 @@ def default_pack_length(model: ModelConfig, max_length: int, micro_batch_size: i
     return one_pair
 
 
-def packed_attention_mask(chunk: torch.nn.Module, segment_ids: torch.Tensor):
-    """The attention mask this chunk's layer spec wants for packed rows (block mask or dense)."""
+def packed_attention_mask(kind: str, segment_ids: torch.Tensor):
+    """The attention mask for packed rows: a flex block mask (``kind="flex"``) or a dense one."""
     from mmpo_megatron.data.batching import packed_causal_mask
 
     # FlexAttention has no CPU backward: CPU training uses the dense mask, CPU scoring uses flex.
     flex_ok = segment_ids.is_cuda or not torch.is_grad_enabled()
-    if getattr(unwrap(chunk), "packed_attention", "dense") == "flex" and flex_ok:
+    if kind == "flex" and flex_ok:
         from mmpo_megatron.model.sdpa_attention import packed_block_mask
 
         return packed_block_mask(segment_ids)

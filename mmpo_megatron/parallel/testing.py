@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
+import gc
 import os
 import queue
 import signal
@@ -69,8 +70,9 @@ def _run_task(rank: int, fn: Callable[..., Any], args: tuple, kwargs: dict, port
         return False, traceback.format_exc()
     finally:
         # Every group goes, the default one too: megatron drops its groups without destroying them,
-        # and gloo groups left alive keep threads that cost an idle pooled rank a tenth of a core.
+        # and gloo groups left alive keep polling threads (17 per TP=2 task) that add up to a core.
         destroy_parallel(destroy_process_group=True)
+        gc.collect()  # the task's models, DDP buckets and optimizer hold groups in reference cycles
 
 
 def _pool_worker(rank: int, world_size: int, tasks, results, parent: int) -> None:
@@ -110,7 +112,7 @@ class RankPool:
             port = free_port()
             for task_queue in self.tasks:
                 task_queue.put((fn, args, kwargs, port, out_dir))
-            done: dict[int, tuple[bool, str]] = {}
+            done: dict[int, tuple[bool, str]] = {}  # in the order the ranks reported
             deadline = time.monotonic() + timeout
             while len(done) < self.world_size:
                 failed = [r for r, (ok, _) in done.items() if not ok]
@@ -126,10 +128,8 @@ class RankPool:
                 if not ok and not any(not o for o, _ in done.values()):
                     self._first_failure_at = time.monotonic()
                 done[rank] = (ok, payload)
-            failures = {r: payload for r, (ok, payload) in done.items() if not ok}
-            if failures:
-                rank = min(failures)
-                raise RankFailed(f"{_name(fn)} failed on rank {rank}:\n{failures[rank]}")
+            if any(not ok for ok, _ in done.values()):
+                raise _first_failure(fn, done, stuck=[])
             return [torch.load(done[r][1], weights_only=False) for r in range(self.world_size)]
 
     def _raise_stopped(self, fn: Callable[..., Any], done: dict, why: str | None) -> None:
@@ -139,11 +139,8 @@ class RankPool:
                 os.kill(self.processes[rank].pid, signal.SIGUSR1)
         time.sleep(1.0)  # let faulthandler write the stacks
         self.close(force=True)
-        failures = {r: payload for r, (ok, payload) in done.items() if not ok}
-        if failures:
-            rank = min(failures)
-            raise RankFailed(f"{_name(fn)} failed on rank {rank} (rank(s) {stuck} were left waiting and were stopped):\n"
-                             f"{failures[rank]}")
+        if any(not ok for ok, _ in done.values()):
+            raise _first_failure(fn, done, stuck)
         raise RanksTimedOut(f"{_name(fn)}: rank(s) {stuck} {why} (a collective that not every rank reached?); "
                             f"their stacks are printed above")
 
@@ -174,6 +171,16 @@ def close_pools() -> None:
     """Stop every pool (at interpreter exit)."""
     for pool in list(_POOLS.values()):
         pool.close()
+
+
+def _first_failure(fn: Callable[..., Any], done: dict[int, tuple[bool, str]], stuck: list[int]) -> RankFailed:
+    """The first rank that raised, with its traceback (the others often fail only because it left)."""
+    failed = [rank for rank, (ok, _) in done.items() if not ok]
+    rank = failed[0]
+    others = [r for r in failed[1:]]
+    note = "".join([f"; then rank(s) {others} failed too" if others else "",
+                    f"; rank(s) {stuck} were left waiting and were stopped" if stuck else ""])
+    return RankFailed(f"{_name(fn)} failed on rank {rank}{note}:\n{done[rank][1]}")
 
 
 def _name(fn: Callable[..., Any]) -> str:

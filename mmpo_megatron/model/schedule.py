@@ -17,12 +17,31 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from mmpo_megatron.config import LossConfig
 from mmpo_megatron.data.batching import PackedBatch, PairBatch, packed_sequence_sums
 from mmpo_megatron.logprobs import output_layer_logprobs, token_logprobs
-from mmpo_megatron.model.builder import fused_output_head, packed_attention_mask
-from mmpo_megatron.losses import PairLogProbs, preference_loss
+from mmpo_megatron.losses import PairLogProbs
+from mmpo_megatron.config import ModelConfig
+from mmpo_megatron.model.builder import output_weight, packed_attention_kind, packed_attention_mask, unwrap
+from mmpo_megatron.model.objective import Objective
 from mmpo_megatron.parallel.batch_stats import MAX_PREFIX
+
+
+@dataclass(frozen=True)
+class HeadAndMask:
+    """How a model turns hidden states into log-probs and how it masks packed rows.
+
+    ``fused_chunk`` > 0: the output layer is applied inside the log-probs, that many tokens at a
+    time (the chunks' output layer passes hidden states through); 0: the chunks output logits.
+    ``packed_attention``: ``flex`` (a flex_attention block mask, local_sdpa) or ``dense``.
+    """
+
+    fused_chunk: int = 0
+    packed_attention: str = "dense"
+
+    @classmethod
+    def of(cls, model: "ModelConfig") -> "HeadAndMask":
+        """What a model config asks for: ``model.fused_logprob_chunk`` and its layer spec's mask."""
+        return cls(fused_chunk=model.fused_logprob_chunk, packed_attention=packed_attention_kind(model))
 
 
 @dataclass
@@ -38,10 +57,10 @@ class MicroBatch:
     norm_max: Tensor | None = None
 
 
-def _forward(model: torch.nn.Module, micro: MicroBatch) -> Tensor:
+def _forward(model: torch.nn.Module, micro: MicroBatch, packed_attention: str) -> Tensor:
     if micro.packed is not None:
         packed = micro.packed
-        return model(packed.input_ids, packed.position_ids, packed_attention_mask(model, packed.segment_ids))
+        return model(packed.input_ids, packed.position_ids, packed_attention_mask(packed_attention, packed.segment_ids))
     # attention_mask=None: causal attention; right padding never leaks into real tokens.
     return model(micro.batch.input_ids, micro.batch.position_ids, None)
 
@@ -81,11 +100,11 @@ def pair_logps(
     return by_pair(sums, True), by_pair(sums, False), by_pair(tokens, True), by_pair(tokens, False)
 
 
-def _loss_func(loss_config: LossConfig, micro: MicroBatch, head, logits: Tensor):
+def _loss_func(objective: Objective, micro: MicroBatch, head, logits: Tensor):
     chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(logits, micro, head)
     valid = micro.batch.pair_valid
     logps = PairLogProbs(chosen, rejected, chosen_tokens, rejected_tokens, micro.ref_chosen, micro.ref_rejected)
-    loss, metrics = preference_loss(loss_config, logps, norm_min=micro.norm_min, norm_max=micro.norm_max)
+    loss, metrics = objective.per_pair_loss(logps, micro)
     loss_sum = (loss * valid).sum()
     with torch.no_grad():
         sums = {name: (value.double() * valid).sum() for name, value in metrics.items()}
@@ -111,6 +130,7 @@ def _run_schedule(
     model_chunks: Sequence[torch.nn.Module],
     micro_batches: Sequence[MicroBatch],
     make_loss: Callable[[MicroBatch, Any], Callable],
+    head_and_mask: HeadAndMask,
     *,
     forward_only: bool,
 ) -> list:
@@ -129,7 +149,10 @@ def _run_schedule(
 
     def forward_step(data_iterator, model):
         micro = next(data_iterator)
-        return _forward(model, micro), make_loss(micro, fused_output_head(model))
+        # Only a last-stage chunk holds the output layer (and, fused, applies it in the log-probs).
+        fused = head_and_mask.fused_chunk and unwrap(model).post_process
+        head = (output_weight(model), head_and_mask.fused_chunk) if fused else None
+        return _forward(model, micro, head_and_mask.packed_attention), make_loss(micro, head)
 
     # Interleaved schedules want one iterator per virtual stage; each walks the same micro-batches.
     iterators = [iter(micro_batches) for _ in model_chunks]
@@ -145,18 +168,22 @@ def _run_schedule(
 
 
 def train_microbatches(
-    model_chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], loss_config: LossConfig
+    model_chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], objective: Objective,
+    head_and_mask: HeadAndMask, *, forward_only: bool = False,
 ) -> list[dict[str, Tensor]]:
-    """Forward and backward of one optimizer step; returns each micro-batch's metric sums (last stage)."""
-    return _run_schedule(model_chunks, micro_batches, lambda m, h: partial(_loss_func, loss_config, m, h), forward_only=False)
+    """Forward (and, unless ``forward_only``, backward) of one step's micro-batches under the
+    objective; returns each micro-batch's metric sums (last stage)."""
+    return _run_schedule(model_chunks, micro_batches, lambda m, h: partial(_loss_func, objective, m, h), head_and_mask,
+                         forward_only=forward_only)
 
 
 def score_microbatches(
-    model_chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch]
+    model_chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], head_and_mask: HeadAndMask
 ) -> list[tuple[Tensor, ...]]:
     """Forward-only sequence log-probs; returns (index, chosen, rejected, chosen_tokens, rejected_tokens)
     per micro-batch on the last pipeline stage, nothing elsewhere."""
     store: list = []
     with torch.no_grad():
-        _run_schedule(model_chunks, micro_batches, lambda m, h: partial(_score_func, store, m, h), forward_only=True)
+        _run_schedule(model_chunks, micro_batches, lambda m, h: partial(_score_func, store, m, h), head_and_mask,
+                      forward_only=True)
     return store

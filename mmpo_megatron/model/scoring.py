@@ -1,15 +1,11 @@
-"""Reference log-probs: scored once and cached on disk (``precompute``), or per step by a resident
-frozen model (``resident``). Also the dataset-wide scoring used by evaluation and score_pairs.
+"""Forward-only scoring of whole data sets: per-pair summed completion log-probs, gathered over
+data-parallel ranks. Used for reference log-probs, evaluation and tools/score_pairs.py.
 
-Only the last pipeline stage sees log-probs; :class:`PairScores` there holds every pair's values,
-gathered over data-parallel ranks.
+Only the last pipeline stage sees log-probs; :class:`PairScores` there holds every pair's values.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from mmpo_megatron.data.batching import collate_pairs, eval_microbatches, pack_rows
-from mmpo_megatron.train.step import MicroBatch, score_microbatches
-
-log = logging.getLogger(__name__)
+from mmpo_megatron.model.schedule import HeadAndMask, MicroBatch, score_microbatches
 
 
 @dataclass
@@ -66,7 +60,8 @@ def microbatches_for(
 
 def score_dataset(
     chunks: Sequence[torch.nn.Module], pairs, micro_batch_size: int, pad_id: int, pad_to_multiple: int, device,
-    vocab_size: int, *, limit: int | None = None, progress: bool = False, pack_length: int | None = None,
+    vocab_size: int, head_and_mask: HeadAndMask, *, limit: int | None = None, progress: bool = False,
+    pack_length: int | None = None,
 ) -> PairScores | None:
     """Forward-only scores of every pair (or the first ``limit``); a PairScores on last-stage ranks."""
     from megatron.core import parallel_state as ps
@@ -86,7 +81,7 @@ def score_dataset(
 
         rounds = tqdm(rounds, desc="scoring", unit="round")
     for start in rounds:
-        results.extend(score_microbatches(chunks, micro[start : start + 64]))
+        results.extend(score_microbatches(chunks, micro[start : start + 64], head_and_mask))
     for chunk, training in zip(chunks, was_training):
         chunk.train(training)
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
@@ -102,28 +97,4 @@ def score_dataset(
             scores.rejected[idx[keep]] = r[keep].float()
             scores.chosen_tokens[idx[keep]] = ct[keep]
             scores.rejected_tokens[idx[keep]] = rt[keep]
-    return scores
-
-
-def fingerprint(*parts) -> str:
-    """A short stable hash of JSON-able parts (data fingerprint, weights identity, model shape...)."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def cached_scores(
-    cache_dir: Path, key: str, compute, *, is_writer: bool, on_last_stage: bool, device
-) -> PairScores | None:
-    """Load ``ref_<key>.pt`` if present on every rank, else run ``compute()`` (all ranks) and save it."""
-    path = cache_dir / f"ref_{key}.pt"
-    present = torch.tensor([1 if path.exists() else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(present, op=dist.ReduceOp.MIN)  # every rank takes the same branch
-    if present.item():
-        log.info("reference log-probs: cache hit %s", path)
-        return PairScores.load(path) if on_last_stage else None
-    scores = compute()
-    if is_writer:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        scores.save(path)
-    dist.barrier()
     return scores

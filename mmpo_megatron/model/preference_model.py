@@ -1,0 +1,181 @@
+"""The policy and its reference as one object: micro-batches of pairs in, sequence log-probs, a
+loss and global-batch metrics out, on megatron-core at any TP x PP x DP layout.
+
+    model = MegatronPreferenceModel.from_config(cfg, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id,
+                                                total_steps=100)
+    model.set_reference(...)                   # precompute / resident / cpu_swap (model/reference.py)
+    for positions in sampler:                  # each rank's micro-batches of one optimizer step
+        metrics = model.train_step(model.micro_batches(pairs, positions))
+
+A step: reference log-probs for the step's pairs (the reference source), the objective's
+statistics over the whole global batch (MMPO's min/max; model/objective.py), megatron's
+forward/backward schedule (model/schedule.py: the loss is normalised by the global pair count,
+so the update does not depend on the DP x micro-batch split), a finite check over all ranks, the
+optimizer step and the learning-rate schedule (which follows the step count, skipped steps too).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from mmpo_megatron.config import OptimConfig, TrainConfig
+from mmpo_megatron.model import checkpoint as ckpt
+from mmpo_megatron.model.builder import build_model_chunks, default_pack_length, resolve_dtype
+from mmpo_megatron.model.objective import Objective, objective_for
+from mmpo_megatron.model.optimizer import wrap_for_training
+from mmpo_megatron.model.reference import ReferenceSource
+from mmpo_megatron.model.schedule import HeadAndMask, MicroBatch, train_microbatches
+from mmpo_megatron.model.scoring import PairScores, microbatches_for, score_dataset
+from mmpo_megatron.parallel.batch_stats import reduce_metric_sums
+from mmpo_megatron.parallel.runtime import current_layout
+
+
+class MegatronPreferenceModel:
+    """Policy chunks (DDP-wrapped with optimizer and scheduler when training), a reference source,
+    and the objective. How packed rows are masked and whether the output layer is fused into the
+    log-probs are this object's ``head_and_mask``."""
+
+    def __init__(self, chunks: Sequence[torch.nn.Module], objective: Objective, *, vocab_size: int, pad_id: int,
+                 head_and_mask: HeadAndMask, pad_to_multiple: int = 16, pack_length: int | None = None,
+                 micro_batch_size: int = 1, optimizer=None, scheduler=None) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.chunks, self.objective = list(chunks), objective
+        self.vocab_size, self.pad_id, self.pad_to_multiple = vocab_size, pad_id, pad_to_multiple
+        self.head_and_mask, self.pack_length, self.micro_batch_size = head_and_mask, pack_length, micro_batch_size
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.reference: ReferenceSource | None = None
+        self.layout = current_layout()
+        self.device = self.layout.device
+        self.last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+        self.dp_group = ps.get_data_parallel_group()
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, *, vocab_size: int, pad_id: int, total_steps: int | None = None,
+                    seed: int | None = None) -> "MegatronPreferenceModel":
+        """Build the policy for ``cfg`` on the initialised layout: with optimizer and cosine/linear
+        schedule when ``total_steps`` is given, bare (for scoring) otherwise."""
+        layout = current_layout()
+        device = layout.device.type
+        chunks = build_model_chunks(cfg.model, cfg.parallel, cfg.precision, vocab_size=vocab_size, device=device,
+                                    seed=cfg.train.seed if seed is None else seed)
+        optimizer = scheduler = None
+        if total_steps is not None:
+            chunks, optimizer = wrap_for_training(chunks, cfg.optim, resolve_dtype(cfg.precision, device))
+            scheduler = lr_schedule(optimizer, cfg.optim, total_steps)
+        pack_length = None
+        if cfg.data.packing:
+            pack_length = cfg.data.pack_length or default_pack_length(cfg.model, cfg.data.max_length,
+                                                                      cfg.train.micro_batch_size, device)
+        return cls(chunks, objective_for(cfg.loss), vocab_size=vocab_size, pad_id=pad_id,
+                   head_and_mask=HeadAndMask.of(cfg.model), pad_to_multiple=cfg.data.pad_to_multiple,
+                   pack_length=pack_length, micro_batch_size=cfg.train.micro_batch_size, optimizer=optimizer,
+                   scheduler=scheduler)
+
+    # ------------------------------------------------------------------------------- batches and scores
+    def micro_batches(self, pairs, positions: Sequence[Sequence[int | None]]) -> list[MicroBatch]:
+        """Micro-batches of the given dataset positions (None: a padding pair), packed if configured."""
+        return [microbatches_for(pairs, p, self.pad_id, self.pad_to_multiple, self.device, self.vocab_size,
+                                 self.pack_length) for p in positions]
+
+    def score(self, pairs, *, chunks: Sequence[torch.nn.Module] | None = None, progress: bool = False) -> PairScores | None:
+        """Forward-only per-pair summed log-probs of a whole data set, any TP/PP/DP (last stage; None
+        elsewhere). ``chunks`` scores other weights of the same layout (a resident reference)."""
+        return score_dataset(chunks or self.chunks, pairs, self.micro_batch_size, self.pad_id, self.pad_to_multiple,
+                             self.device, self.vocab_size, self.head_and_mask, progress=progress,
+                             pack_length=self.pack_length)
+
+    def set_reference(self, reference: ReferenceSource | None) -> None:
+        """Where reference log-probs come from (None: the objective needs none)."""
+        self.reference = reference
+
+    def reference_logps(self, micro_batches: Sequence[MicroBatch]) -> None:
+        """Fill in the reference log-probs of the micro-batches (last stage), if the objective needs them."""
+        if self.objective.needs_reference:
+            if self.reference is None:
+                raise RuntimeError(f"loss {self.objective.config.name!r} needs a reference source: call set_reference")
+            self.reference.fill(self, micro_batches)
+
+    # ------------------------------------------------------------------------------- the step
+    def loss_and_metrics(self, micro_batches: Sequence[MicroBatch], forward_only: bool = False) -> dict[str, float]:
+        """The objective over one step's micro-batches through megatron's schedule (forward and
+        backward unless ``forward_only``); metrics reduced over the global batch, on every rank.
+        Reference log-probs must be filled in (reference_logps)."""
+        if self.last_stage:
+            self.objective.prepare_step(micro_batches, self.dp_group)
+        per_micro = train_microbatches(self.chunks, micro_batches, self.objective, self.head_and_mask,
+                                       forward_only=forward_only)
+        return self.from_last_stage(reduce_metric_sums(per_micro, self.dp_group) if self.last_stage else None)
+
+    def train_step(self, micro_batches: Sequence[MicroBatch]) -> dict[str, float]:
+        """One optimizer step: zero gradients, reference log-probs, forward/backward, a finite check
+        on every rank, then the update (skipped when any loss or gradient is not finite: ``skipped``
+        is 1) and the learning-rate schedule. Returns the step's global metrics."""
+        if self.optimizer is None:
+            raise RuntimeError("this model was built without an optimizer (from_config without total_steps)")
+        self.reference_logps(micro_batches)
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+        metrics = self.loss_and_metrics(micro_batches)
+        grad_norm, skipped = float("nan"), 1.0
+        if self._grads_finite(metrics.get("loss")):
+            _, norm, _ = self.optimizer.step()
+            grad_norm, skipped = float(norm) if norm is not None else float("nan"), 0.0
+        # The schedule follows the step count whether or not the update was applied, so a run with
+        # skipped steps still ends its decay on its last step.
+        self.scheduler.step(1)
+        return {**metrics, "grad_norm": grad_norm, "lr": lr, "skipped": skipped}
+
+    def _grads_finite(self, loss: float | None) -> bool:
+        local = all(bool(torch.isfinite(b.grad_data).all()) for c in self.chunks for b in c.buffers + c.expert_parallel_buffers)
+        if loss is not None and not math.isfinite(loss):
+            local = False
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def from_last_stage(self, metrics: dict | None) -> dict:
+        """Metrics computed on the last pipeline stage, made known to every stage."""
+        from megatron.core import parallel_state as ps
+
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return metrics or {}
+        box = [metrics]
+        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+        return box[0] or {}
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def save(self, root, step: int, trainer_state: dict[str, Any], *, keep_last: int):
+        """Weights, optimizer, scheduler and ``trainer_state`` as ``root/step_NNNNNNN`` (atomic)."""
+        state = {**trainer_state, "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                 "layout": ckpt.layout_state(), "vocab_size": self.vocab_size}
+        return ckpt.save_checkpoint(root, step, self.chunks, self.optimizer, state, keep_last=keep_last)
+
+    def resume(self, path) -> dict[str, Any]:
+        """Weights, optimizer state, schedule and RNG from a checkpoint; returns its trainer state."""
+        state = ckpt.load_checkpoint(path, self.chunks, self.optimizer)
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        return state
+
+    def load_weights(self, path):
+        """Weights only, from a checkpoint of any TP/PP layout; returns the folder read."""
+        return ckpt.load_weights(path, self.chunks)
+
+
+def lr_schedule(optimizer, optim: OptimConfig, total_steps: int):
+    """megatron's OptimizerParamScheduler: linear warmup over ``warmup_ratio`` of the steps, then decay."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=int(optim.warmup_ratio * total_steps), lr_decay_steps=total_steps,
+        lr_decay_style=optim.decay_style, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
+        wd_incr_steps=total_steps, wd_incr_style="constant",
+    )

@@ -1,0 +1,176 @@
+"""Where reference log-probs come from, behind one small interface (``reference.mode``):
+
+- ``precompute``: one forward pass over the training and held-out pairs before training, cached on
+  disk (keyed by data, weights, model and numerics) and reused on restart. No reference model on
+  the device while training; offline training repeats epochs, so it also saves a forward per step.
+- ``resident``: a second, frozen copy of the model on the device, run on each step's pairs.
+- ``cpu_swap``: the reference weights wait in (pinned) CPU memory and are copied into the
+  policy's own parameters for the reference forward, then the policy's weights are copied back
+  (NeMo-Aligner's cpu_weight_swap): an online reference with no second copy on the device.
+
+Each source fills ``ref_chosen``/``ref_rejected`` of a step's micro-batches on the last pipeline
+stage (``fill``) and scores a whole data set (``score``, for evaluation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from mmpo_megatron.model.builder import unwrap
+from mmpo_megatron.model.scoring import PairScores
+from mmpo_megatron.model.schedule import MicroBatch, score_microbatches
+
+# "MegatronPreferenceModel" below is model/preference_model.py's, which holds a source: named, not imported.
+log = logging.getLogger(__name__)
+
+REFERENCE_MODES = ("precompute", "resident", "cpu_swap")
+
+
+def fingerprint(*parts) -> str:
+    """A short stable hash of JSON-able parts (data fingerprint, weights identity, model shape...)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_scores(
+    cache_dir: Path, key: str, compute: Callable[[], PairScores | None], *, is_writer: bool, on_last_stage: bool, device
+) -> PairScores | None:
+    """Load ``ref_<key>.pt`` if present on every rank, else run ``compute()`` (all ranks) and save it."""
+    path = cache_dir / f"ref_{key}.pt"
+    present = torch.tensor([1 if path.exists() else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(present, op=dist.ReduceOp.MIN)  # every rank takes the same branch
+    if present.item():
+        log.info("reference log-probs: cache hit %s", path)
+        return PairScores.load(path) if on_last_stage else None
+    scores = compute()
+    if is_writer:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        scores.save(path)
+    dist.barrier()
+    return scores
+
+
+def _set(micro_batches: Sequence[MicroBatch], scored: Sequence[tuple]) -> None:
+    for micro, (_, chosen, rejected, _, _) in zip(micro_batches, scored):
+        micro.ref_chosen, micro.ref_rejected = chosen, rejected
+
+
+class ReferenceSource:
+    """Reference log-probs for the model's micro-batches and data sets."""
+
+    def fill(self, model: "MegatronPreferenceModel", micro_batches: Sequence[MicroBatch]) -> None:
+        """Set each micro-batch's ``ref_chosen``/``ref_rejected`` (last pipeline stage)."""
+        raise NotImplementedError
+
+    def score(self, model: "MegatronPreferenceModel", pairs) -> PairScores | None:
+        """Reference scores of every pair of a data set (last pipeline stage; None elsewhere)."""
+        raise NotImplementedError
+
+
+class PrecomputedReference(ReferenceSource):
+    """Scores computed once per data set with ``weights`` (a context giving chunks to score with), cached."""
+
+    def __init__(self, cache_dir: Path, key_parts: tuple, weights: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self.cache_dir, self.key_parts, self.weights = Path(cache_dir), key_parts, weights
+        self.train: PairScores | None = None
+
+    def score(self, model: "MegatronPreferenceModel", pairs) -> PairScores | None:
+        """Cached scores of ``pairs`` (computed on a cache miss, on every rank)."""
+        def compute():
+            with self.weights() as chunks:
+                return model.score(pairs, chunks=chunks, progress=True)
+
+        layout = model.layout
+        writer = model.last_stage and layout.data_rank == 0 and layout.tensor_rank == 0
+        return cached_scores(self.cache_dir, fingerprint(pairs._fingerprint, *self.key_parts), compute,
+                             is_writer=writer, on_last_stage=model.last_stage, device=model.device)
+
+    def prepare(self, model: "MegatronPreferenceModel", train_pairs) -> None:
+        """Score (or load) the training pairs; ``fill`` then reads them by dataset position."""
+        self.train = self.score(model, train_pairs)
+
+    def fill(self, model: "MegatronPreferenceModel", micro_batches: Sequence[MicroBatch]) -> None:
+        """Look the step's pairs up in the precomputed training scores."""
+        if model.last_stage:
+            for micro in micro_batches:
+                micro.ref_chosen, micro.ref_rejected = self.train.take(micro.batch.index.tolist(), model.device)
+
+
+class ResidentReference(ReferenceSource):
+    """A frozen second model (same layout as the policy) on the device."""
+
+    def __init__(self, chunks: Sequence[torch.nn.Module]) -> None:
+        self.chunks = list(chunks)
+
+    def fill(self, model: "MegatronPreferenceModel", micro_batches: Sequence[MicroBatch]) -> None:
+        """Run the frozen model on the step's micro-batches (every pipeline stage takes part)."""
+        scored = score_microbatches(self.chunks, micro_batches, model.head_and_mask)
+        if model.last_stage:
+            _set(micro_batches, scored)
+
+    def score(self, model: "MegatronPreferenceModel", pairs) -> PairScores | None:
+        """Score a data set with the frozen model."""
+        return model.score(pairs, chunks=self.chunks)
+
+
+class CpuSwapReference(ReferenceSource):
+    """Reference weights in CPU memory (pinned where a GPU is used), swapped into the policy's
+    parameters for each reference forward and back; the policy's weights wait in a CPU buffer."""
+
+    def __init__(self, weights: Sequence[dict[str, torch.Tensor]]) -> None:
+        self.weights = list(weights)
+        self._policy: list[dict[str, torch.Tensor]] | None = None
+
+    @classmethod
+    def from_chunks(cls, chunks: Sequence[torch.nn.Module]) -> "CpuSwapReference":
+        """Copy the given chunks' parameters (the reference weights) to CPU."""
+        return cls([_cpu_copy(chunk) for chunk in chunks])
+
+    @contextlib.contextmanager
+    def swapped_in(self, chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
+        """The policy's parameters hold the reference weights inside the block, their own after it."""
+        if self._policy is None:
+            self._policy = [_cpu_copy(chunk) for chunk in chunks]
+        with torch.no_grad():
+            for chunk, policy, reference in zip(chunks, self._policy, self.weights):
+                for name, param in unwrap(chunk).named_parameters():
+                    policy[name].copy_(param, non_blocking=True)
+                    param.copy_(reference[name], non_blocking=True)
+            try:
+                yield
+            finally:
+                for chunk, policy in zip(chunks, self._policy):
+                    for name, param in unwrap(chunk).named_parameters():
+                        param.copy_(policy[name], non_blocking=True)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+
+    def fill(self, model: "MegatronPreferenceModel", micro_batches: Sequence[MicroBatch]) -> None:
+        """Run the policy's own chunks with the reference weights swapped in."""
+        with self.swapped_in(model.chunks):
+            scored = score_microbatches(model.chunks, micro_batches, model.head_and_mask)
+        if model.last_stage:
+            _set(micro_batches, scored)
+
+    def score(self, model: "MegatronPreferenceModel", pairs) -> PairScores | None:
+        """Score a data set with the reference weights swapped in."""
+        with self.swapped_in(model.chunks):
+            return model.score(pairs)
+
+
+def _cpu_copy(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
+    pin = torch.cuda.is_available()
+    out = {}
+    for name, param in unwrap(chunk).named_parameters():
+        copy = torch.empty(param.shape, dtype=param.dtype, device="cpu", pin_memory=pin)
+        copy.copy_(param.detach())
+        out[name] = copy
+    return out

@@ -1,0 +1,123 @@
+"""Set-up of a run: the run folder, the data, and the reference source of ``reference.mode``."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mmpo_megatron.config import TrainConfig
+from mmpo_megatron.data.pipeline import build_pairs, eval_sources, train_sources, write_report
+from mmpo_megatron.data.tokenizer import load_tokenizer
+from mmpo_megatron.model import checkpoint as ckpt
+from mmpo_megatron.model.builder import build_model_chunks, resolve_dtype
+from mmpo_megatron.model.preference_model import MegatronPreferenceModel
+from mmpo_megatron.model.reference import CpuSwapReference, PrecomputedReference, ReferenceSource, ResidentReference
+
+
+def prepare_run_folder(cfg: TrainConfig, is_rank0: bool) -> Path:
+    """The run folder with the resolved config in it (emptied first with train.overwrite_output_dir)."""
+    from omegaconf import OmegaConf
+
+    out = Path(cfg.train.output_dir)
+    if is_rank0:
+        if cfg.train.overwrite_output_dir:
+            _clear_run_folder(out, cfg.reference.cache_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    return out
+
+
+def _clear_run_folder(out: Path, cache_dir: str | None) -> None:
+    """Remove what an earlier run wrote into ``out`` (only the trainer's own files and folders)."""
+    for name in ("checkpoints", "tensorboard", "metrics.jsonl", "data_report.json", "config.yaml"):
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    if cache_dir is None:  # a shared cache elsewhere belongs to other runs too
+        shutil.rmtree(out / "reference_cache", ignore_errors=True)
+
+
+def load_data(cfg: TrainConfig, out: Path, is_rank0: bool):
+    """(tokenizer, training pairs, held-out pairs or None); the data report goes to the run folder."""
+    import datasets
+
+    if not is_rank0:
+        datasets.disable_progress_bars()
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    # Rank 0 tokenises first; the others then hit datasets' cache instead of racing it.
+    for turn in (True, False):
+        if is_rank0 == turn:
+            train_pairs, report = build_pairs(train_sources(cfg.data), tokenizer, cfg.data)
+            sources = eval_sources(cfg.data)
+            eval_pairs = build_pairs(sources, tokenizer, cfg.data)[0] if sources else None
+        dist.barrier()
+    if cfg.train.eval_max_pairs and eval_pairs is not None:
+        eval_pairs = eval_pairs.select(range(min(cfg.train.eval_max_pairs, len(eval_pairs))))
+    if is_rank0:
+        write_report(report, out / "data_report.json")
+        print(f"data: {report.summary()}", flush=True)
+    return tokenizer, train_pairs, eval_pairs
+
+
+def reference_cache_key(cfg: TrainConfig, weights_identity: str, device: str, vocab_size: int,
+                        pack_length: int | None) -> tuple:
+    """Everything that changes reference log-probs besides the pairs: weights, model, numerics, packing."""
+    precision = {**asdict(cfg.precision), "dtype": str(resolve_dtype(cfg.precision, device))}
+    return (weights_identity, asdict(cfg.model), precision, vocab_size, pack_length)
+
+
+def _reference_identity(cfg: TrainConfig) -> str:
+    """What the reference weights are: a checkpoint, the policy's loaded weights, or its seeded init."""
+    source = cfg.reference.checkpoint or cfg.checkpoint.load_weights
+    if source:
+        path = ckpt.resolve_checkpoint(source)
+        stamp = (path / "metadata.json").stat().st_mtime_ns if (path / "metadata.json").exists() else 0
+        return f"{path.resolve()}@{stamp}"
+    return f"init-seed-{cfg.train.seed}"
+
+
+def _reference_chunks(cfg: TrainConfig, model: MegatronPreferenceModel) -> list[torch.nn.Module]:
+    """A frozen model with the reference weights (same layout as the policy)."""
+    chunks = build_model_chunks(cfg.model, cfg.parallel, cfg.precision, vocab_size=model.vocab_size,
+                                device=model.device.type, seed=cfg.train.seed)
+    source = cfg.reference.checkpoint or cfg.checkpoint.load_weights
+    if source:
+        ckpt.load_weights(source, chunks)
+    for chunk in chunks:
+        chunk.requires_grad_(False)
+        chunk.eval()
+    return chunks
+
+
+def build_reference(cfg: TrainConfig, model: MegatronPreferenceModel, train_pairs, out: Path,
+                    policy_is_initial: bool) -> ReferenceSource | None:
+    """The reference source of ``reference.mode`` (None when the loss needs none).
+
+    The reference weights are ``reference.checkpoint``, else the policy's starting weights: its
+    current ones when it has not trained yet, rebuilt from ``checkpoint.load_weights`` (or the
+    seeded initialisation) after a resume.
+    """
+    if not cfg.loss.needs_reference:
+        return None
+    use_policy = policy_is_initial and cfg.reference.checkpoint is None
+    mode = cfg.reference.mode
+    if mode == "resident":
+        return ResidentReference(_reference_chunks(cfg, model))
+    if mode == "cpu_swap":
+        return CpuSwapReference.from_chunks(model.chunks if use_policy else _reference_chunks(cfg, model))
+
+    @contextlib.contextmanager
+    def weights():
+        yield model.chunks if use_policy else _reference_chunks(cfg, model)
+
+    key = reference_cache_key(cfg, _reference_identity(cfg), model.device.type, model.vocab_size, model.pack_length)
+    reference = PrecomputedReference(Path(cfg.reference.cache_dir or out / "reference_cache"), key, weights)
+    reference.prepare(model, train_pairs)
+    return reference

@@ -1,0 +1,159 @@
+"""The training loop on MegatronPreferenceModel, read top to bottom.
+
+set-up (parallel groups, run folder, data, model, resume or starting weights, reference) ->
+for each step: the sampler's micro-batches, ``model.train_step``, log, evaluate, save.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmpo_megatron.config import TrainConfig
+from mmpo_megatron.data.batching import PairSampler
+from mmpo_megatron.model import checkpoint as ckpt
+from mmpo_megatron.model.preference_model import MegatronPreferenceModel
+from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
+from mmpo_megatron.train.evaluation import evaluate
+from mmpo_megatron.train.logger import MetricsLogger
+from mmpo_megatron.train.preflight import preflight
+from mmpo_megatron.train.setup import build_reference, load_data, prepare_run_folder
+
+log = logging.getLogger("mmpo_megatron")
+
+
+class NonFiniteAbort(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def run_training(cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Train; returns the logged records (on global rank 0; other ranks return [])."""
+    # Before any process group, data or run folder exists: a bad config fails fast, naming the key.
+    cfg = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    initialize_parallel(cfg.parallel)
+    try:
+        return Trainer(cfg).train()
+    finally:
+        destroy_parallel()
+
+
+class Trainer:
+    """A run: its folder, data, model, reference and logger; ``train()`` is the loop."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.is_rank0 = torch.distributed.get_rank() == 0
+        self.out = prepare_run_folder(cfg, self.is_rank0)
+        self.tokenizer, self.train_pairs, self.eval_pairs = load_data(cfg, self.out, self.is_rank0)
+        gbs = cfg.train.global_batch_size
+        self.steps_per_epoch = len(self.train_pairs) // gbs
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.train_pairs)} training pairs cannot fill one global batch of {gbs}")
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        self.model = MegatronPreferenceModel.from_config(cfg, vocab_size=cfg.model.vocab_size or len(self.tokenizer),
+                                                         pad_id=self.tokenizer.pad_token_id, total_steps=self.total_steps)
+        self.records: list[dict[str, Any]] = []
+
+    def train(self) -> list[dict[str, Any]]:
+        """Resume or load starting weights, then step until ``total_steps``; returns the records."""
+        cfg, model = self.cfg, self.model
+        step, consumed, skipped, resumed = self.start()
+        model.set_reference(build_reference(cfg, model, self.train_pairs, self.out, policy_is_initial=not resumed))
+        eval_reference = model.reference.score(model, self.eval_pairs) if model.reference and self.eval_pairs is not None else None
+        sampler = PairSampler(len(self.train_pairs), cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                              model.layout.data_rank, model.layout.data_parallel, seed=cfg.data.seed,
+                              consumed_samples=consumed, lengths=self.pair_lengths() if cfg.data.group_by_length else None)
+        logger = MetricsLogger(self.out, cfg.logging, self.total_steps, enabled=self.is_rank0, run_config=asdict(cfg))
+        logger.start_at(step)
+        interval, in_a_row = cfg.train.eval_interval, 0
+        if interval and step == 0:
+            self.log(logger, 0, "eval", evaluate(model, self.eval_pairs, eval_reference, cfg.loss))
+        try:
+            while step < self.total_steps:
+                started = time.perf_counter()
+                metrics = model.train_step(model.micro_batches(self.train_pairs, sampler.step_microbatches(consumed)))
+                step, consumed = step + 1, consumed + cfg.train.global_batch_size
+                in_a_row = in_a_row + 1 if metrics["skipped"] else 0
+                skipped += int(metrics["skipped"])
+                if metrics["skipped"]:
+                    self.nonfinite(logger, step, in_a_row)
+                metrics.update(step_time_s=time.perf_counter() - started, skipped_steps=float(skipped),
+                               epoch=consumed / (self.steps_per_epoch * cfg.train.global_batch_size), memory_gib=_memory_gib(model.device))
+                metrics["tokens_per_s"] = metrics.get("tokens", 0.0) / metrics["step_time_s"]
+                if step == 1 and "policy_ref_logp_diff" in metrics:
+                    logger.message(f"step 1: max |policy - reference| sequence log-prob = {metrics['policy_ref_logp_diff']:.3g}"
+                                   + (" (policy starts at the reference)" if not resumed and not cfg.reference.checkpoint else ""))
+                if step % cfg.train.log_interval == 0 or step == self.total_steps:
+                    self.log(logger, step, "train", metrics)
+                if interval and (step % interval == 0 or step == self.total_steps):
+                    self.log(logger, step, "eval", evaluate(model, self.eval_pairs, eval_reference, cfg.loss))
+                if (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0) or step == self.total_steps:
+                    self.save(step, consumed, skipped)
+        finally:
+            logger.close()
+        return self.records
+
+    def start(self) -> tuple[int, int, int, bool]:
+        """(step, consumed samples, skipped steps, resumed?) from the newest intact checkpoint, or
+        a fresh start from ``checkpoint.load_weights`` / the seeded initialisation."""
+        cfg = self.cfg
+        resume_from = ckpt.latest_intact_checkpoint(self.out / "checkpoints") if cfg.checkpoint.resume else None
+        if resume_from is None:
+            if cfg.checkpoint.load_weights:
+                loaded = self.model.load_weights(cfg.checkpoint.load_weights)
+                if self.is_rank0:
+                    print(f"policy weights loaded from {loaded}", flush=True)
+            return 0, 0, 0, False
+        state = self.model.resume(resume_from)
+        step = state["step"]
+        if self.is_rank0:
+            print(f"resumed from {resume_from} (step {step})", flush=True)
+            if step >= self.total_steps:
+                print(f"nothing to train: this run already reached its {self.total_steps} steps; set a new "
+                      f"train.output_dir, raise train.max_steps, or pass train.overwrite_output_dir=true", flush=True)
+        return step, state["consumed_samples"], state.get("skipped_steps", 0), True
+
+    def nonfinite(self, logger: MetricsLogger, step: int, in_a_row: int) -> None:
+        """Say that a step was skipped; abort after ``train.max_nonfinite_steps`` in a row."""
+        logger.message(f"step {step}: non-finite loss or gradient, update skipped ({in_a_row} in a row)")
+        if in_a_row >= self.cfg.train.max_nonfinite_steps:
+            raise NonFiniteAbort(
+                f"{in_a_row} consecutive steps had a non-finite loss or gradient (last at step {step}); "
+                f"lower optim.lr, check the data report, or raise train.max_nonfinite_steps"
+            )
+
+    def pair_lengths(self) -> list[int]:
+        """Each training pair's longest row (for data.group_by_length)."""
+        pairs = self.train_pairs
+        return [len(p) + max(len(c), len(r)) for p, c, r in zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"])]
+
+    def log(self, logger: MetricsLogger, step: int, split: str, metrics: dict) -> None:
+        """One record to every sink (rank 0 keeps it for the caller too)."""
+        if not metrics:
+            return
+        logger.log(step, split, metrics)
+        if self.is_rank0:
+            self.records.append({"step": step, "split": split, **metrics})
+
+    def save(self, step: int, consumed: int, skipped: int) -> None:
+        """A checkpoint with what a resume, score_pairs and the HF export need."""
+        cfg = self.cfg
+        state = {"consumed_samples": consumed, "skipped_steps": skipped, "model": asdict(cfg.model),
+                 "tokenizer": cfg.data.tokenizer, "train_config": asdict(cfg)}
+        path = self.model.save(self.out / "checkpoints", step, state, keep_last=cfg.checkpoint.keep_last)
+        if self.is_rank0:
+            print(f"\ncheckpoint saved: {path}", flush=True)
+
+
+def _memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
