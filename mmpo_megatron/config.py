@@ -24,7 +24,7 @@ def _require(condition: bool, field: str, message: str) -> None:
 
 @dataclass
 class LossConfig:
-    """Which preference loss to train with and its hyper-parameters (METHOD.md)."""
+    """Which preference loss to train with and its hyper-parameters (docs/method.md)."""
 
     name: str = "mmpo"
     """The objective. MMPO is this project's reason to exist; the others are the paper's baselines."""

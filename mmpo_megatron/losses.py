@@ -2,7 +2,7 @@
 
 Every loss is a pure tensor function. It takes per-pair tensors (policy chosen, policy rejected
 and, except SimPO, reference chosen and reference rejected log-probs) and returns
-``(per_pair_loss, metrics)``, where ``metrics`` maps METHOD.md's metric names to detached
+``(per_pair_loss, metrics)``, where ``metrics`` maps docs/method.md's metric names to detached
 per-pair tensors. Reducing over the global batch (sum over valid pairs, divided by the global
 pair count) is the caller's job, so the result does not depend on how the batch is split.
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 Metrics = dict[str, Tensor]
 
 NORM_EPS = 1e-6
-"""The additive constant of MMPO's min-max normalisation (METHOD.md step 2)."""
+"""The additive constant of MMPO's min-max normalisation (docs/method.md step 2)."""
 
 AuxInput = Literal["score_margin", "dpo_margin"]
 
@@ -194,7 +194,7 @@ def _reward_metrics(
     return {
         "rewards/chosen": reward_chosen,
         "rewards/rejected": reward_rejected,
-        # Ties count as wrong (METHOD.md).
+        # Ties count as wrong (docs/method.md).
         "rewards/accuracies": (reward_chosen > reward_rejected).to(reward_chosen.dtype),
         "rewards/margins": reward_chosen - reward_rejected,
         "logps/chosen": chosen_logps.detach(),

@@ -10,7 +10,7 @@ import torch
 
 from mmpo_megatron.losses import mmpo_loss, prior_rewards
 from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
-from mmpo_megatron.parallel.batch_stats import global_metric_means, normalisation_stats
+from mmpo_megatron.parallel.batch_stats import global_metric_means, global_valid_pairs, normalisation_stats
 from mmpo_megatron.parallel.testing import run_on_ranks
 
 PAIRS, MICRO = 8, 2
@@ -44,6 +44,7 @@ def one_step(seed, scope):
     micro = rank_pairs(dp_rank, dp_size)
     rewards = [prior_rewards(lc_ref[idx], lr_ref[idx], beta=BETA) for idx in micro]
     stats = normalisation_stats([r[0] for r in rewards], [r[1] for r in rewards], scope)
+    valid_pairs = global_valid_pairs([torch.ones(len(idx), dtype=torch.bool) for idx in micro])
 
     pc, pr = lc.clone().requires_grad_(), lr.clone().requires_grad_()
     total = torch.zeros((), dtype=torch.float64)
@@ -52,7 +53,7 @@ def one_step(seed, scope):
         norm_min, norm_max = stats.for_microbatch(i)
         loss, m = mmpo_loss(pc[idx], pr[idx], lc_ref[idx], lr_ref[idx], beta=BETA, aux_weight=0.3,
                             normalize=scope != "none", norm_min=norm_min, norm_max=norm_max)
-        total = total + loss.sum() / stats.valid_pairs
+        total = total + loss.sum() / valid_pairs
         for j, pair in enumerate(idx):
             normalised[pair] = (m["rewards/chosen"][j].item() - lc[pair].item(),
                                 m["rewards/rejected"][j].item() - lr[pair].item())
@@ -64,7 +65,7 @@ def one_step(seed, scope):
     return {
         "dp_size": dp_size,
         "micro": micro,
-        "valid_pairs": stats.valid_pairs,
+        "valid_pairs": valid_pairs,
         "normalised": normalised,
         "loss": local_total.item(),
         "grad_chosen": pc.grad,
@@ -170,9 +171,9 @@ def test_invalid_pairs_are_excluded_single_process():
     rr = [torch.tensor([2.0, 60.0]), torch.tensor([0.5, -45.0])]
     valid = [torch.tensor([True, False]), torch.tensor([True, False])]
     stats = normalisation_stats(rc, rr, "global", valid=valid, group=None)
-    assert stats.valid_pairs == 2
+    assert global_valid_pairs(valid, group=None) == 2
     assert stats.norm_min[0].item() == 0.5 and stats.norm_max[1].item() == 3.0
     # A micro-batch with no valid pair keeps finite statistics.
     stats = normalisation_stats(rc, rr, "local", valid=[valid[0], torch.tensor([False, False])], group=None)
     assert torch.isfinite(stats.norm_min[1]) and torch.isfinite(stats.norm_max[1])
-    assert stats.valid_pairs == 1
+    assert global_valid_pairs([valid[0], torch.tensor([False, False])], group=None) == 1

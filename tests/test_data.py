@@ -11,16 +11,9 @@ import pytest
 import torch
 
 from mmpo_megatron.config import ConfigError, DataConfig, DataSourceConfig
-from mmpo_megatron.data.batching import (
-    PairSampler,
-    collate_packed,
-    collate_pairs,
-    eval_microbatches,
-    pack_pairs,
-    packed_causal_mask,
-    packed_sequence_sums,
-    packing_report,
-)
+from mmpo_megatron.data.collate import collate_pairs
+from mmpo_megatron.data.packing import collate_packed, pack_pairs, packed_causal_mask, packed_sequence_sums, packing_report
+from mmpo_megatron.data.sampling import PairSampler, eval_microbatches
 from mmpo_megatron.data.demo_data import SPLIT_SIZES, demo_data_file, generate
 from mmpo_megatron.data.formats import DataError
 from mmpo_megatron.data.pipeline import build_pairs, prepare_source
@@ -263,29 +256,29 @@ def test_mixing_by_weight(tmp_path, tok):
 def test_sampler_is_deterministic_and_dp_independent():
     n, gbs, mbs = 50, 8, 2
     steps = 14  # crosses the epoch boundary (6 steps/epoch)
-    it = iter(PairSampler(n, gbs, mbs, 0, 1, seed=5))
-    ref_steps = [sum(next(it), []) for _ in range(steps)]
+    sampler = PairSampler(n, gbs, mbs, 0, 1, seed=5)
+    ref_steps = [sum(sampler.step_microbatches(step * gbs), []) for step in range(steps)]
     # Epoch 0 covers distinct pairs; epoch 1 is a different permutation.
     epoch0 = sum(ref_steps[:6], [])
     assert len(set(epoch0)) == 48
     assert ref_steps[6] != ref_steps[0]
     for dp in (2, 4):
-        iters = [iter(PairSampler(n, gbs, mbs, r, dp, seed=5)) for r in range(dp)]
+        ranks = [PairSampler(n, gbs, mbs, r, dp, seed=5) for r in range(dp)]
         for step in range(steps):
-            per_rank = [next(i) for i in iters]
+            per_rank = [r.step_microbatches(step * gbs) for r in ranks]
             assert all(len(m) == gbs // (mbs * dp) for m in per_rank)
             assert sorted(sum((sum(m, []) for m in per_rank), [])) == sorted(ref_steps[step])
-    # Resume from a consumed-samples count, also under another DP size.
+    # Resume from a consumed-samples count with a new sampler, also under another DP size.
     for dp in (1, 2):
         for resume_step in (3, 6, 9):
-            iters = [iter(PairSampler(n, gbs, mbs, r, dp, seed=5, consumed_samples=resume_step * gbs)) for r in range(dp)]
+            ranks = [PairSampler(n, gbs, mbs, r, dp, seed=5) for r in range(dp)]
             for step in range(resume_step, steps):
-                got = sorted(sum((sum(next(i), []) for i in iters), []))
+                got = sorted(sum((sum(r.step_microbatches(step * gbs), []) for r in ranks), []))
                 assert got == sorted(ref_steps[step])
     with pytest.raises(ValueError, match="not divisible by micro batch"):
         PairSampler(n, 10, 4, 0, 1)
     with pytest.raises(ValueError, match="not a multiple of the global batch"):
-        PairSampler(n, 8, 2, 0, 1, consumed_samples=5)
+        PairSampler(n, 8, 2, 0, 1).step_microbatches(5)
 
 
 def test_length_grouping_and_eval_batches():

@@ -33,7 +33,7 @@ def gen():
 
 
 def mmpo_closed_form(lc, lr, lc_ref, lr_ref, beta, eps_c, eps_r, aux_input, w):
-    """METHOD.md steps 1-4, written with scalar python math, pair by pair."""
+    """docs/method.md steps 1-4, written with scalar python math, pair by pair."""
     rc = [eps_c + beta * x for x in lc_ref.tolist()]
     rr = [eps_r + beta * x for x in lr_ref.tolist()]
     m, M = min(rc + rr), max(rc + rr)

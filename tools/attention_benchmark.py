@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from mmpo_megatron.data.batching import pack_rows, pair_tokens
+    from mmpo_megatron.data.collate import pair_tokens
+    from mmpo_megatron.data.packing import pack_rows
     from mmpo_megatron.model.sdpa_attention import _flex, packed_block_mask
     from mmpo_megatron.parallel.runtime import resolve_device
 

@@ -193,7 +193,7 @@ def run_trl(model_cfg, pairs_per_step: int, lengths, args, device, ceiling, refe
         raise RuntimeError("--vs-trl needs TRL: pip install trl") from exc
 
     from mmpo_megatron.convert.llama import hf_config_from_model
-    from mmpo_megatron.data.batching import pair_tokens
+    from mmpo_megatron.data.collate import pair_tokens
     from mmpo_megatron.data.tokenizer import build_byte_tokenizer
 
     tokenizer = build_byte_tokenizer()

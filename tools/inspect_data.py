@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from omegaconf import OmegaConf  # noqa: E402
 
 from mmpo_megatron.config import ConfigError, DataConfig, DataSourceConfig  # noqa: E402
-from mmpo_megatron.data.batching import collate_pairs  # noqa: E402
+from mmpo_megatron.data.collate import collate_pairs  # noqa: E402
 from mmpo_megatron.data.formats import DataError  # noqa: E402
 from mmpo_megatron.data.pipeline import build_pairs, train_sources, write_report  # noqa: E402
 from mmpo_megatron.data.tokenizer import load_tokenizer  # noqa: E402

@@ -197,7 +197,7 @@ def default_pack_length(model: ModelConfig, max_length: int, micro_batch_size: i
 
 def packed_attention_mask(kind: str, segment_ids: torch.Tensor):
     """The attention mask for packed rows: a flex block mask (``kind="flex"``) or a dense one."""
-    from mmpo_megatron.data.batching import packed_causal_mask
+    from mmpo_megatron.data.packing import packed_causal_mask
 
     # FlexAttention has no CPU backward: CPU training uses the dense mask, CPU scoring uses flex.
     flex_ok = segment_ids.is_cuda or not torch.is_grad_enabled()

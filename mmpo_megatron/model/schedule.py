@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from mmpo_megatron.data.batching import PackedBatch, PairBatch, packed_sequence_sums
+from mmpo_megatron.data.collate import PairBatch
+from mmpo_megatron.data.packing import PackedBatch, packed_sequence_sums
 from mmpo_megatron.logprobs import output_layer_logprobs, token_logprobs
 from mmpo_megatron.losses import PairLogProbs
 from mmpo_megatron.config import ModelConfig

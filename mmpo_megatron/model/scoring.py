@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mmpo_megatron.data.batching import collate_pairs, eval_microbatches, pack_rows
+from mmpo_megatron.data.collate import collate_pairs
+from mmpo_megatron.data.packing import pack_rows
+from mmpo_megatron.data.sampling import eval_microbatches
 from mmpo_megatron.model.schedule import HeadAndMask, MicroBatch, score_microbatches
 
 

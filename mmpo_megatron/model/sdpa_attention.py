@@ -2,7 +2,7 @@
 
 The local spec's DotProductAttention runs baddbmm + an fp32 softmax + bmm and expands GQA with
 repeat_interleave; on an H100 without Transformer Engine that made a 1.5B DPO step 1.44x slower
-(../shared/GPU_BASELINE.md). This subclass keeps its constructor (and so its config checks) and
+(the GPU baseline: a 1.5B Llama on one H100 without TE). This subclass keeps its constructor (and so its config checks) and
 replaces only the arithmetic.
 """
 

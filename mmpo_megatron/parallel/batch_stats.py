@@ -6,7 +6,7 @@ reference log-probs, so all of this is known before the policy forward: each ran
 rewards of every micro-batch of the step, and two collectives (a MAX over ``[-min, max]`` and a
 SUM of counts) give every rank the same numbers.
 
-Scopes (METHOD.md): ``global`` (all pairs of the step, all DP ranks and micro-batches: independent
+Scopes (docs/method.md): ``global`` (all pairs of the step, all DP ranks and micro-batches: independent
 of the split), ``dp_microbatch`` (per micro-batch index, across DP ranks), ``local`` (per
 micro-batch, this rank only), ``none`` (no normalisation).
 """
@@ -25,11 +25,10 @@ from mmpo_megatron.config import NORM_SCOPES
 
 @dataclass
 class NormalisationStats:
-    """Per micro-batch (min, max) of the prior rewards, and the step's global valid-pair count."""
+    """Per micro-batch (min, max) of the prior rewards."""
 
     norm_min: list[Tensor] | None
     norm_max: list[Tensor] | None
-    valid_pairs: int
 
     def for_microbatch(self, index: int) -> tuple[Tensor | None, Tensor | None]:
         """``(norm_min, norm_max)`` to pass to ``mmpo_loss`` for micro-batch ``index``."""
@@ -92,9 +91,8 @@ def normalisation_stats(
         )
     group = group if group is not None else data_parallel_group()
     valid = _valid_or_all(reward_chosen, valid)
-    valid_pairs = global_valid_pairs(valid, group)
     if scope == "none":
-        return NormalisationStats(None, None, valid_pairs)
+        return NormalisationStats(None, None)
 
     # Per micro-batch [-min, max] over valid pairs; an empty micro-batch gives [-inf, -inf],
     # the identity of MAX, so it never wins the reduction.
@@ -117,7 +115,6 @@ def normalisation_stats(
     return NormalisationStats(
         norm_min=list((-neg_min_max[:, 0]).unbind()),
         norm_max=list(neg_min_max[:, 1].unbind()),
-        valid_pairs=valid_pairs,
     )
 
 

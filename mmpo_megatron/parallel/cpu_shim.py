@@ -3,7 +3,7 @@
 megatron-core hard-codes CUDA in a handful of places (RNG tracker, global memory buffer,
 ``device="cuda"`` literals in schedules and optimizers, ``torch.cuda.synchronize`` in p2p and
 checkpointing). Every such touch-point is handled here and nowhere else, so development and CI
-can run real TP/PP/DP on CPU. ../shared/CPU_MEGATRON.md lists each call site and its fix.
+can run real TP/PP/DP on CPU; each function below answers one family of call sites.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mmpo_megatron.config import TrainConfig
-from mmpo_megatron.data.batching import PairSampler
+from mmpo_megatron.data.sampling import PairSampler
 from mmpo_megatron.model import checkpoint as ckpt
 from mmpo_megatron.model.preference_model import MegatronPreferenceModel
 from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
@@ -68,7 +68,7 @@ class Trainer:
         eval_reference = model.reference.score(model, self.eval_pairs) if model.reference and self.eval_pairs is not None else None
         sampler = PairSampler(len(self.train_pairs), cfg.train.global_batch_size, cfg.train.micro_batch_size,
                               model.layout.data_rank, model.layout.data_parallel, seed=cfg.data.seed,
-                              consumed_samples=consumed, lengths=self.pair_lengths() if cfg.data.group_by_length else None)
+                              lengths=self.pair_lengths() if cfg.data.group_by_length else None)
         logger = MetricsLogger(self.out, cfg.logging, self.total_steps, enabled=self.is_rank0, run_config=asdict(cfg))
         logger.start_at(step)
         interval, in_a_row = cfg.train.eval_interval, 0
