@@ -2,7 +2,6 @@
 on tiny random models built here from transformers configs."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -222,13 +221,32 @@ def test_bad_inputs_fail_clearly_and_leave_no_output(hf_models, tmp_path):
         (["--hf-model", str(truncated)], "truncated or corrupt"),
         (["--hf-model", str(root / "llama3"), "--tp", "3"], "parallel.tensor_parallel: 3 must divide model.num_attention_heads=4"),
     ]
-    for i, (args, message) in enumerate(cases):
-        out = tmp_path / f"out{i}"
-        done = subprocess.run([sys.executable, str(REPO / "tools/convert_hf_to_megatron.py"), *args, "--output", str(out)],
-                              capture_output=True, text=True, timeout=300, env={"MMPO_NO_PROGRESS": "1", **__import__("os").environ})
-        assert done.returncode == 2, done.stderr[-2000:]
-        assert message in done.stderr, done.stderr[-2000:]
-        assert not out.exists() and not any(p.name.startswith(f"out{i}") for p in tmp_path.iterdir())
+    # Through the tool's own entry point (argument parser, exit code, stderr), on one pooled rank.
+    argvs = [[*args, "--output", str(tmp_path / f"out{i}")] for i, (args, _) in enumerate(cases)]
+    results = run_on_ranks(convert_cli, 1, argvs)[0]
+    for i, ((code, stderr), (_, message)) in enumerate(zip(results, cases)):
+        assert code == 2, stderr[-2000:]
+        assert message in stderr, stderr[-2000:]
+        assert not any(p.name.startswith(f"out{i}") for p in tmp_path.iterdir())
+
+
+def convert_cli(argvs):
+    """tools/convert_hf_to_megatron.py's main() on each argv: (exit code, what it printed to stderr)."""
+    import contextlib
+    import io
+    import os
+
+    os.environ["MMPO_NO_PROGRESS"] = "1"
+    sys.path.insert(0, str(REPO / "tools"))
+    import convert_hf_to_megatron
+
+    out = []
+    for argv in argvs:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = convert_hf_to_megatron.main(argv)
+        out.append((code, err.getvalue()))
+    return out
 
 
 def sharded_export(root):
