@@ -21,8 +21,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: venv
 	$(BIN)/torchrun --nproc-per-node $(NPROC) examples/train_mmpo.py --config-name train_demo
 
+# Two pytest workers: many tests run one single-threaded rank, so one worker leaves a core idle.
+TEST_WORKERS ?= 2
+
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist load tests
 
 clean:
 	rm -rf $(VENV) outputs
