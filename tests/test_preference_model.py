@@ -115,13 +115,20 @@ def test_cpu_swap_leaves_the_policy_bit_identical_and_scores_the_reference_weigh
 
 
 def module_imports() -> dict[str, set[str]]:
-    """Every mmpo_megatron module and the mmpo_megatron modules it imports (at any depth of the file)."""
+    """Every mmpo_megatron module and the mmpo_megatron modules it imports at run time (module level or
+    inside functions)."""
     graph = {}
     for path in PACKAGE.rglob("*.py"):
         parts = path.relative_to(REPO).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         targets = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        # Imports under `if TYPE_CHECKING:` never run: annotations only, not part of the import graph.
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mmpo_megatron"):
                 targets.add(node.module)
                 targets.update(f"{node.module}.{a.name}" for a in node.names)

@@ -17,10 +17,10 @@ from torch import Tensor
 from mmpo_megatron.config import LossConfig
 from mmpo_megatron.losses import Metrics, PairLogProbs, preference_loss, prior_rewards
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: model/schedule.py imports this module at run time
     import torch.distributed as dist
 
-# "MicroBatch" below is model/schedule.py's, which calls this module: named, not imported.
+    from mmpo_megatron.model.schedule import MicroBatch
 
 
 class Objective:

@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,9 @@ from mmpo_megatron.model.builder import unwrap
 from mmpo_megatron.model.scoring import PairScores
 from mmpo_megatron.model.schedule import MicroBatch, score_microbatches
 
-# "MegatronPreferenceModel" below is model/preference_model.py's, which holds a source: named, not imported.
+if TYPE_CHECKING:  # types only: model/preference_model.py imports this module at run time
+    from mmpo_megatron.model.preference_model import MegatronPreferenceModel
+
 log = logging.getLogger(__name__)
 
 REFERENCE_MODES = ("precompute", "resident", "cpu_swap")
