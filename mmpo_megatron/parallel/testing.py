@@ -134,15 +134,11 @@ class RankPool:
 
     def _raise_stopped(self, fn: Callable[..., Any], done: dict, why: str | None) -> None:
         stuck = [r for r in range(self.world_size) if r not in done]
-        for rank in stuck:
-            if self.processes[rank].is_alive():
-                os.kill(self.processes[rank].pid, signal.SIGUSR1)
-        time.sleep(1.0)  # let faulthandler write the stacks
+        _print_stacks_then_kill(self.processes, stuck)
         self.close(force=True)
         if any(not ok for ok, _ in done.values()):
             raise _first_failure(fn, done, stuck)
-        raise RanksTimedOut(f"{_name(fn)}: rank(s) {stuck} {why} (a collective that not every rank reached?); "
-                            f"their stacks are printed above")
+        raise _timed_out(fn, stuck, why)
 
     def alive(self) -> bool:
         """Whether every rank process is still running."""
@@ -171,6 +167,22 @@ def close_pools() -> None:
     """Stop every pool (at interpreter exit)."""
     for pool in list(_POOLS.values()):
         pool.close()
+
+
+def _print_stacks_then_kill(processes, stuck: list[int]) -> None:
+    """SIGUSR1 to the stuck ranks (faulthandler prints their stacks), then kill every live process."""
+    for rank in stuck:
+        if processes[rank].is_alive():
+            os.kill(processes[rank].pid, signal.SIGUSR1)
+    time.sleep(1.0)  # let faulthandler write the stacks
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+
+
+def _timed_out(fn: Callable[..., Any], stuck: list[int], why: str | None) -> RanksTimedOut:
+    return RanksTimedOut(f"{_name(fn)}: rank(s) {stuck} {why} (a collective that not every rank reached?); "
+                         f"their stacks are printed above")
 
 
 def _first_failure(fn: Callable[..., Any], done: dict[int, tuple[bool, str]], stuck: list[int]) -> RankFailed:
@@ -222,12 +234,6 @@ def _run_fresh(fn: Callable[..., Any], world_size: int, args: tuple, kwargs: dic
         while not context.join(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:
                 stuck = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
-                for rank in stuck:
-                    os.kill(context.processes[rank].pid, signal.SIGUSR1)
-                time.sleep(1.0)
-                for process in context.processes:
-                    if process.is_alive():
-                        process.kill()
-                raise RanksTimedOut(f"{_name(fn)}: rank(s) {stuck} still running after {timeout:.0f} s (a collective "
-                                    f"that not every rank reached?); their stacks are printed above")
+                _print_stacks_then_kill(context.processes, stuck)
+                raise _timed_out(fn, stuck, f"still running after {timeout:.0f} s")
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
