@@ -11,7 +11,6 @@ softmax from the saved logits instead of keeping an fp32 ``[..., V / tp]`` copy 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -196,33 +195,18 @@ def token_logprobs(
     return _VocabParallelLabelLogProbs.apply(logits, labels.long(), group, vocab_size)
 
 
-@dataclass
-class SequenceLogProbs:
-    """Masked per-sequence log-prob sums and the number of tokens each sum covers."""
-
-    sum: Tensor
-    tokens: Tensor
-
-    @property
-    def mean(self) -> Tensor:
-        """Per-token average; 0 for a sequence with no unmasked token."""
-        return self.sum / self.tokens.clamp(min=1).to(self.sum.dtype)
-
-
 def sequence_logprobs(
     logits: Tensor,
     labels: Tensor,
     loss_mask: Tensor,
     group: dist.ProcessGroup | None = None,
     vocab_size: int | None = None,
-) -> SequenceLogProbs:
-    """Sum over the last label dim of ``log p(label)`` where ``loss_mask`` is set (fp32)."""
+) -> Tensor:
+    """Per sequence, the sum over the last label dim of ``log p(label)`` where ``loss_mask`` is set
+    (fp32); the token count of each sum is ``loss_mask.sum(-1)``."""
     if loss_mask.shape != labels.shape:
         raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have the labels' shape {tuple(labels.shape)}")
     mask = loss_mask.bool()
     safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
     per_token = token_logprobs(logits, safe_labels, group, vocab_size)
-    return SequenceLogProbs(
-        sum=(per_token * mask).sum(dim=-1),
-        tokens=mask.sum(dim=-1),
-    )
+    return (per_token * mask).sum(dim=-1)

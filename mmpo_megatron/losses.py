@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmpo_megatron.pair_logprobs import PairLogProbs
+
 if TYPE_CHECKING:
     from mmpo_megatron.config import LossConfig
 
@@ -182,11 +184,6 @@ def simpo_loss(
     return loss, metrics
 
 
-def chosen_nll(policy_chosen_logps_mean: Tensor) -> Tensor:
-    """Per-pair NLL of the chosen response per token (the RPO-style auxiliary term)."""
-    return -policy_chosen_logps_mean
-
-
 def _reward_metrics(
     reward_chosen: Tensor, reward_rejected: Tensor, chosen_logps: Tensor, rejected_logps: Tensor
 ) -> Metrics:
@@ -207,44 +204,6 @@ def _implicit_reward_metrics(
 ) -> Metrics:
     with torch.no_grad():
         return _reward_metrics(beta * chosen_ratio, beta * rejected_ratio, chosen_logps, rejected_logps)
-
-
-class PairLogProbs:
-    """Summed completion log-probs and completion token counts of a batch of pairs."""
-
-    def __init__(
-        self,
-        policy_chosen: Tensor,
-        policy_rejected: Tensor,
-        chosen_tokens: Tensor,
-        rejected_tokens: Tensor,
-        ref_chosen: Tensor | None = None,
-        ref_rejected: Tensor | None = None,
-    ) -> None:
-        self.policy_chosen = policy_chosen
-        self.policy_rejected = policy_rejected
-        # A completion always has >= 1 token after the data pipeline; clamp guards padding pairs.
-        self.chosen_tokens = chosen_tokens.clamp(min=1).to(policy_chosen.dtype)
-        self.rejected_tokens = rejected_tokens.clamp(min=1).to(policy_chosen.dtype)
-        self.ref_chosen = ref_chosen
-        self.ref_rejected = ref_rejected
-
-    def reduced(self, how: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """(policy chosen, policy rejected, ref chosen, ref rejected) as sums or per-token means."""
-        if how == "sum":
-            return self.policy_chosen, self.policy_rejected, self.ref_chosen, self.ref_rejected
-        if how != "mean":
-            raise ValueError(f"log-prob reduction must be 'sum' or 'mean', got {how!r}")
-
-        def per_token(value: Tensor | None, count: Tensor) -> Tensor | None:
-            return None if value is None else value / count
-
-        return (
-            per_token(self.policy_chosen, self.chosen_tokens),
-            per_token(self.policy_rejected, self.rejected_tokens),
-            per_token(self.ref_chosen, self.chosen_tokens),
-            per_token(self.ref_rejected, self.rejected_tokens),
-        )
 
 
 def preference_loss(
@@ -285,7 +244,7 @@ def preference_loss(
         raise ValueError(f"unknown loss {config.name!r}")
 
     if config.nll_weight > 0:
-        nll = chosen_nll(logps.policy_chosen / logps.chosen_tokens)
+        nll = logps.chosen_nll_per_token()  # the RPO-style auxiliary term
         loss = loss + config.nll_weight * nll
         metrics["nll/chosen"] = nll.detach()
     return loss, metrics

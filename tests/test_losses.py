@@ -212,6 +212,32 @@ def test_preference_loss_dispatch_reductions_and_nll(gen):
     preference_loss(LossConfig(name="simpo"), no_ref)  # reference-free
 
 
+def test_pair_logprobs_select_gather_and_store(gen, tmp_path):
+    count = 7
+    values = PairLogProbs(*random_logps(count, gen)[:2], torch.randint(1, 30, (count,), generator=gen),
+                          torch.randint(1, 30, (count,), generator=gen))
+    # Scattered out of order over two "ranks" with padding slots (-1), gathered back by position.
+    gathered = PairLogProbs.zeros(count)
+    for positions in (torch.tensor([5, 0, 3, -1]), torch.tensor([6, 2, 1, 4, -1, -1])):
+        part = values.take(positions)
+        assert torch.equal(part.chosen[positions < 0], values.chosen[[0] * int((positions < 0).sum())])
+        gathered.put(positions, part)
+    for name in ("chosen", "rejected", "chosen_tokens", "rejected_tokens"):
+        assert torch.equal(getattr(gathered, name), getattr(values, name).to(getattr(gathered, name).dtype)), name
+    path = tmp_path / "scores.pt"
+    gathered.save(path)
+    loaded = PairLogProbs.load(path)
+    assert torch.equal(loaded.chosen, gathered.chosen) and loaded.ref_chosen is None and len(loaded) == count
+    # A reference joins the policy values; the per-token reduction uses each side's own counts.
+    both = gathered.with_reference(values).to("cpu", torch.float64)
+    _, _, ref_chosen_mean, ref_rejected_mean = both.reduced("mean")
+    torch.testing.assert_close(ref_chosen_mean, values.chosen.double() / values.chosen_tokens)
+    torch.testing.assert_close(ref_rejected_mean, values.rejected.double() / values.rejected_tokens)
+    assert both.chosen_tokens.dtype == torch.long
+    with pytest.raises(ValueError, match="'sum' or 'mean'"):
+        both.reduced("max")
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="loss.name"):
         LossConfig(name="kto")

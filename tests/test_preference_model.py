@@ -94,7 +94,7 @@ def swap_round_trip(root, tp, pp):
     if model.last_stage:
         out["swap"] = (micro[0].ref_chosen, micro[0].ref_rejected)
         out["resident"] = (resident[0].ref_chosen, resident[0].ref_rejected)
-        out["policy"] = (scored[0][1], scored[0][2])
+        out["policy"] = (scored[0][1].chosen, scored[0][1].rejected)
     return out
 
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Sequence
 from torch import Tensor
 
 from mmpo_megatron.config import LossConfig
-from mmpo_megatron.losses import Metrics, PairLogProbs, preference_loss, prior_rewards
+from mmpo_megatron.losses import Metrics, preference_loss, prior_rewards
+from mmpo_megatron.pair_logprobs import PairLogProbs
 
 if TYPE_CHECKING:  # types only: model/schedule.py imports this module at run time
     import torch.distributed as dist

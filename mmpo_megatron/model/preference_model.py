@@ -29,7 +29,8 @@ from mmpo_megatron.model.objective import Objective, objective_for
 from mmpo_megatron.model.optimizer import wrap_for_training
 from mmpo_megatron.model.reference import ReferenceSource
 from mmpo_megatron.model.schedule import HeadAndMask, MicroBatch, train_microbatches
-from mmpo_megatron.model.scoring import PairScores, microbatches_for, score_dataset
+from mmpo_megatron.model.scoring import microbatches_for, score_dataset
+from mmpo_megatron.pair_logprobs import PairLogProbs
 from mmpo_megatron.parallel.batch_stats import reduce_metric_sums
 from mmpo_megatron.parallel.runtime import current_layout
 
@@ -82,7 +83,7 @@ class MegatronPreferenceModel:
         return [microbatches_for(pairs, p, self.pad_id, self.pad_to_multiple, self.device, self.vocab_size,
                                  self.pack_length) for p in positions]
 
-    def score(self, pairs, *, chunks: Sequence[torch.nn.Module] | None = None, progress: bool = False) -> PairScores | None:
+    def score(self, pairs, *, chunks: Sequence[torch.nn.Module] | None = None, progress: bool = False) -> PairLogProbs | None:
         """Forward-only per-pair summed log-probs of a whole data set, any TP/PP/DP (last stage; None
         elsewhere). ``chunks`` scores other weights of the same layout (a resident reference)."""
         return score_dataset(chunks or self.chunks, pairs, self.micro_batch_size, self.pad_id, self.pad_to_multiple,

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from mmpo_megatron.model.builder import unwrap
-from mmpo_megatron.model.scoring import PairScores
 from mmpo_megatron.model.schedule import MicroBatch, score_microbatches
+from mmpo_megatron.pair_logprobs import PairLogProbs
 
 if TYPE_CHECKING:  # types only: model/preference_model.py imports this module at run time
     from mmpo_megatron.model.preference_model import MegatronPreferenceModel
@@ -43,15 +43,15 @@ def fingerprint(*parts) -> str:
 
 
 def cached_scores(
-    cache_dir: Path, key: str, compute: Callable[[], PairScores | None], *, is_writer: bool, on_last_stage: bool, device
-) -> PairScores | None:
+    cache_dir: Path, key: str, compute: Callable[[], PairLogProbs | None], *, is_writer: bool, on_last_stage: bool, device
+) -> PairLogProbs | None:
     """Load ``ref_<key>.pt`` if present on every rank, else run ``compute()`` (all ranks) and save it."""
     path = cache_dir / f"ref_{key}.pt"
     present = torch.tensor([1 if path.exists() else 0], dtype=torch.int32, device=device)
     dist.all_reduce(present, op=dist.ReduceOp.MIN)  # every rank takes the same branch
     if present.item():
         log.info("reference log-probs: cache hit %s", path)
-        return PairScores.load(path) if on_last_stage else None
+        return PairLogProbs.load(path) if on_last_stage else None
     scores = compute()
     if is_writer:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -61,8 +61,8 @@ def cached_scores(
 
 
 def _set(micro_batches: Sequence[MicroBatch], scored: Sequence[tuple]) -> None:
-    for micro, (_, chosen, rejected, _, _) in zip(micro_batches, scored):
-        micro.ref_chosen, micro.ref_rejected = chosen, rejected
+    for micro, (_, logps) in zip(micro_batches, scored):
+        micro.set_reference(logps)
 
 
 class ReferenceSource:
@@ -72,7 +72,7 @@ class ReferenceSource:
         """Set each micro-batch's ``ref_chosen``/``ref_rejected`` (last pipeline stage)."""
         raise NotImplementedError
 
-    def score(self, model: "MegatronPreferenceModel", pairs) -> PairScores | None:
+    def score(self, model: "MegatronPreferenceModel", pairs) -> PairLogProbs | None:
         """Reference scores of every pair of a data set (last pipeline stage; None elsewhere)."""
         raise NotImplementedError
 
@@ -82,9 +82,9 @@ class PrecomputedReference(ReferenceSource):
 
     def __init__(self, cache_dir: Path, key_parts: tuple, weights: Callable[[], contextlib.AbstractContextManager]) -> None:
         self.cache_dir, self.key_parts, self.weights = Path(cache_dir), key_parts, weights
-        self.train: PairScores | None = None
+        self.train: PairLogProbs | None = None
 
-    def score(self, model: "MegatronPreferenceModel", pairs) -> PairScores | None:
+    def score(self, model: "MegatronPreferenceModel", pairs) -> PairLogProbs | None:
         """Cached scores of ``pairs`` (computed on a cache miss, on every rank)."""
         def compute():
             with self.weights() as chunks:
@@ -103,7 +103,7 @@ class PrecomputedReference(ReferenceSource):
         """Look the step's pairs up in the precomputed training scores."""
         if model.last_stage:
             for micro in micro_batches:
-                micro.ref_chosen, micro.ref_rejected = self.train.take(micro.batch.index.tolist(), model.device)
+                micro.set_reference(self.train.take(micro.batch.index).to(model.device))
 
 
 class ResidentReference(ReferenceSource):
@@ -118,7 +118,7 @@ class ResidentReference(ReferenceSource):
         if model.last_stage:
             _set(micro_batches, scored)
 
-    def score(self, model: "MegatronPreferenceModel", pairs) -> PairScores | None:
+    def score(self, model: "MegatronPreferenceModel", pairs) -> PairLogProbs | None:
         """Score a data set with the frozen model."""
         return model.score(pairs, chunks=self.chunks)
 
@@ -162,7 +162,7 @@ class CpuSwapReference(ReferenceSource):
         if model.last_stage:
             _set(micro_batches, scored)
 
-    def score(self, model: "MegatronPreferenceModel", pairs) -> PairScores | None:
+    def score(self, model: "MegatronPreferenceModel", pairs) -> PairLogProbs | None:
         """Score a data set with the reference weights swapped in."""
         with self.swapped_in(model.chunks):
             return model.score(pairs)

@@ -20,10 +20,10 @@ from torch import Tensor
 from mmpo_megatron.data.collate import PairBatch
 from mmpo_megatron.data.packing import PackedBatch, packed_sequence_sums
 from mmpo_megatron.logprobs import output_layer_logprobs, token_logprobs
-from mmpo_megatron.losses import PairLogProbs
 from mmpo_megatron.config import ModelConfig
 from mmpo_megatron.model.builder import output_weight, packed_attention_kind, packed_attention_mask, unwrap
 from mmpo_megatron.model.objective import Objective
+from mmpo_megatron.pair_logprobs import PairLogProbs
 from mmpo_megatron.parallel.batch_stats import MAX_PREFIX
 
 
@@ -57,6 +57,10 @@ class MicroBatch:
     norm_min: Tensor | None = None  # MMPO normalisation statistics of this micro-batch
     norm_max: Tensor | None = None
 
+    def set_reference(self, reference: PairLogProbs) -> None:
+        """Take ``reference``'s summed log-probs (of these pairs, in order) as the reference values."""
+        self.ref_chosen, self.ref_rejected = reference.chosen, reference.rejected
+
 
 def _forward(model: torch.nn.Module, micro: MicroBatch, packed_attention: str) -> Tensor:
     if micro.packed is not None:
@@ -66,10 +70,8 @@ def _forward(model: torch.nn.Module, micro: MicroBatch, packed_attention: str) -
     return model(micro.batch.input_ids, micro.batch.position_ids, None)
 
 
-def pair_logps(
-    output: Tensor, micro: MicroBatch, head: tuple[Tensor, int] | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(chosen sums, rejected sums, chosen token counts, rejected token counts).
+def pair_logps(output: Tensor, micro: MicroBatch, head: tuple[Tensor, int] | None = None) -> PairLogProbs:
+    """Each pair's summed completion log-probs and token counts, with the micro-batch's reference sums.
 
     ``output`` is vocab-parallel logits, or hidden states when ``head`` (output weight, chunk)
     says the output layer is applied here, fused with the log-probs. Rows are the padded pairs,
@@ -89,7 +91,7 @@ def pair_logps(
     pairs = micro.batch.num_pairs
     if micro.packed is None:
         sums, tokens = (per_token * mask).sum(-1), mask.sum(-1)
-        return sums[:pairs], sums[pairs:], tokens[:pairs], tokens[pairs:]
+        return PairLogProbs(sums[:pairs], sums[pairs:], tokens[:pairs], tokens[pairs:], micro.ref_chosen, micro.ref_rejected)
     packed = micro.packed
     sums = packed_sequence_sums(per_token, packed)
     tokens = packed_sequence_sums(mask.long(), packed)
@@ -98,32 +100,32 @@ def pair_logps(
         side = packed.sequence_is_chosen if chosen else ~packed.sequence_is_chosen
         return values.new_zeros(pairs).index_add(0, packed.sequence_pair[side], values[side])
 
-    return by_pair(sums, True), by_pair(sums, False), by_pair(tokens, True), by_pair(tokens, False)
+    return PairLogProbs(by_pair(sums, True), by_pair(sums, False), by_pair(tokens, True), by_pair(tokens, False),
+                        micro.ref_chosen, micro.ref_rejected)
 
 
 def _loss_func(objective: Objective, micro: MicroBatch, head, logits: Tensor):
-    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(logits, micro, head)
+    logps = pair_logps(logits, micro, head)
     valid = micro.batch.pair_valid
-    logps = PairLogProbs(chosen, rejected, chosen_tokens, rejected_tokens, micro.ref_chosen, micro.ref_rejected)
     loss, metrics = objective.per_pair_loss(logps, micro)
     loss_sum = (loss * valid).sum()
     with torch.no_grad():
         sums = {name: (value.double() * valid).sum() for name, value in metrics.items()}
         sums["loss"] = (loss.detach().double() * valid).sum()
-        sums["nll/chosen_per_token"] = (-(chosen.detach() / logps.chosen_tokens).double() * valid).sum()
+        sums["nll/chosen_per_token"] = (logps.detach().chosen_nll_per_token().double() * valid).sum()
         sums["pairs"] = valid.sum().double()
         sums["tokens"] = torch.tensor(float(micro.batch.real_tokens()), dtype=torch.float64)
         rows = micro.packed.input_ids if micro.packed is not None else micro.batch.input_ids
         sums["row_tokens"] = torch.tensor(float(rows.numel()), dtype=torch.float64)
         if micro.ref_chosen is not None:
-            diff = torch.cat([(chosen.detach() - micro.ref_chosen).abs()[valid], (rejected.detach() - micro.ref_rejected).abs()[valid]])
+            diff = torch.cat([(logps.chosen.detach() - micro.ref_chosen).abs()[valid],
+                              (logps.rejected.detach() - micro.ref_rejected).abs()[valid]])
             sums[MAX_PREFIX + "policy_ref_logp_diff"] = diff.max().double() if diff.numel() else torch.zeros((), dtype=torch.float64)
     return loss_sum, valid.sum().to(torch.int), sums
 
 
 def _score_func(store: list, micro: MicroBatch, head, logits: Tensor):
-    chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(logits, micro, head)
-    store.append((micro.batch.index.clone(), chosen.detach(), rejected.detach(), chosen_tokens, rejected_tokens))
+    store.append((micro.batch.index.clone(), pair_logps(logits, micro, head).detach().with_reference(None)))
     return logits.new_zeros(()), torch.zeros((), dtype=torch.int), {}
 
 
@@ -180,9 +182,9 @@ def train_microbatches(
 
 def score_microbatches(
     model_chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], head_and_mask: HeadAndMask
-) -> list[tuple[Tensor, ...]]:
-    """Forward-only sequence log-probs; returns (index, chosen, rejected, chosen_tokens, rejected_tokens)
-    per micro-batch on the last pipeline stage, nothing elsewhere."""
+) -> list[tuple[Tensor, PairLogProbs]]:
+    """Forward-only per-pair log-probs: (data-set positions, PairLogProbs) per micro-batch on the
+    last pipeline stage, nothing elsewhere."""
     store: list = []
     with torch.no_grad():
         _run_schedule(model_chunks, micro_batches, lambda m, h: partial(_score_func, store, m, h), head_and_mask,
