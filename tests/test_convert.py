@@ -56,6 +56,23 @@ def hf_models(tmp_path_factory):
     return out
 
 
+def test_the_mapping_table_names_every_hf_tensor_once():
+    """Each family's table, expanded for a model, names exactly the HF model's own tensors."""
+    from transformers import AutoModelForCausalLM
+
+    from mmpo_megatron.convert.llama import mapping, model_config_from_hf
+
+    for name, config in family_configs().items():
+        model = model_config_from_hf(config.to_dict())
+        hf_names = [h for _, names, _ in mapping(model) for h in names]
+        with torch.device("meta"):
+            expected = set(AutoModelForCausalLM.from_config(config).state_dict())
+        if config.tie_word_embeddings:
+            expected.discard("lm_head.weight")  # the same tensor as the embedding
+        assert len(hf_names) == len(set(hf_names)), name
+        assert set(hf_names) == expected, (name, set(hf_names) ^ expected)
+
+
 def convert_and_forward(root, names, tokens):
     """HF -> megatron for each family (TP=1 logits), plus the round trip back to HF."""
     from mmpo_megatron.convert import convert_hf_to_megatron, convert_megatron_to_hf

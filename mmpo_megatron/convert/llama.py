@@ -14,6 +14,7 @@ Layouts that differ from HF:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -111,31 +112,122 @@ def hf_config_from_model(model: ModelConfig, *, model_type: str = "llama", torch
 
 
 # ------------------------------------------------------------------------------------------- weights
+# One row per parameter: the megatron name, the HF name(s) it is made of, how the tensors are
+# rearranged, and the model feature it exists under. ``{i}`` is the layer index. Both directions
+# and the tensor count are read off this table.
 
 
-def _qkv_from_hf(q: Tensor, k: Tensor, v: Tensor, model: ModelConfig) -> Tensor:
-    groups, d = model.query_groups, model.kv_channels or model.hidden_size // model.num_attention_heads
-    per_group = model.num_attention_heads // groups
-    tail = q.shape[1:]
-    q = q.reshape(groups, per_group * d, *tail)
-    k = k.reshape(groups, d, *tail)
-    v = v.reshape(groups, d, *tail)
-    return torch.cat([q, k, v], dim=1).reshape(-1, *tail)
+class Same:
+    """One HF tensor is the megatron tensor."""
+
+    def to_megatron(self, hf: list[Tensor], model: ModelConfig, padded_vocab: int) -> Tensor:
+        """The megatron tensor from its HF tensors."""
+        return hf[0]
+
+    def to_hf(self, tensor: Tensor, model: ModelConfig) -> list[Tensor]:
+        """The HF tensors from the megatron tensor, in the row's HF-name order."""
+        return [tensor]
 
 
-def _qkv_to_hf(qkv: Tensor, model: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
-    groups, d = model.query_groups, model.kv_channels or model.hidden_size // model.num_attention_heads
-    per_group = model.num_attention_heads // groups
-    tail = qkv.shape[1:]
-    grouped = qkv.reshape(groups, (per_group + 2) * d, *tail)
-    q, k, v = torch.split(grouped, [per_group * d, d, d], dim=1)
-    return q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)
+class VocabRows(Same):
+    """Embedding / output rows: zero rows pad the vocabulary to the padded size; export drops them."""
+
+    def to_megatron(self, hf: list[Tensor], model: ModelConfig, padded_vocab: int) -> Tensor:
+        """The HF rows followed by zero rows up to ``padded_vocab``."""
+        weight = hf[0]
+        if weight.shape[0] > padded_vocab:
+            raise ValueError(f"vocab of {weight.shape[0]} does not fit the padded vocab {padded_vocab}")
+        return torch.cat([weight, weight.new_zeros(padded_vocab - weight.shape[0], *weight.shape[1:])])
+
+    def to_hf(self, tensor: Tensor, model: ModelConfig) -> list[Tensor]:
+        """The real vocabulary's rows."""
+        return [tensor[: model.vocab_size]]
 
 
-def _pad_rows(weight: Tensor, rows: int) -> Tensor:
-    if weight.shape[0] > rows:
-        raise ValueError(f"vocab of {weight.shape[0]} does not fit the padded vocab {rows}")
-    return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], *weight.shape[1:])]) if weight.shape[0] < rows else weight
+class GroupedQKV(Same):
+    """q, k, v as one matrix grouped per query group: ``[q (heads/groups * d), k (d), v (d)]`` per group."""
+
+    @staticmethod
+    def _sizes(model: ModelConfig) -> tuple[int, int, int]:
+        groups, d = model.query_groups, model.kv_channels or model.hidden_size // model.num_attention_heads
+        return groups, model.num_attention_heads // groups, d
+
+    def to_megatron(self, hf: list[Tensor], model: ModelConfig, padded_vocab: int) -> Tensor:
+        """Interleave HF's separate q, k, v per query group."""
+        groups, per_group, d = self._sizes(model)
+        q, k, v = hf
+        tail = q.shape[1:]
+        grouped = [q.reshape(groups, per_group * d, *tail), k.reshape(groups, d, *tail), v.reshape(groups, d, *tail)]
+        return torch.cat(grouped, dim=1).reshape(-1, *tail)
+
+    def to_hf(self, tensor: Tensor, model: ModelConfig) -> list[Tensor]:
+        """Split the grouped matrix back into q, k, v."""
+        groups, per_group, d = self._sizes(model)
+        tail = tensor.shape[1:]
+        q, k, v = torch.split(tensor.reshape(groups, (per_group + 2) * d, *tail), [per_group * d, d, d], dim=1)
+        return [q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)]
+
+
+class Stacked(Same):
+    """Several HF matrices stacked along the output rows (SwiGLU's ``[gate; up]``)."""
+
+    def to_megatron(self, hf: list[Tensor], model: ModelConfig, padded_vocab: int) -> Tensor:
+        """The HF matrices one under another."""
+        return torch.cat(hf)
+
+    def to_hf(self, tensor: Tensor, model: ModelConfig) -> list[Tensor]:
+        """Equal row blocks, one per HF matrix (gate, up)."""
+        return list(torch.chunk(tensor, 2, dim=0))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One parameter of the mapping table."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    layout: Same = Same()
+    only_if: str | None = None  # a ModelConfig feature (a key of FEATURES) the parameter exists under
+
+
+FEATURES = {
+    "qkv_bias": lambda model: model.qkv_bias,
+    "qk_norm": lambda model: model.qk_norm,
+    "untied_output": lambda model: not model.tie_embeddings,
+}
+
+_LAYER, _ATTN = "model.layers.{i}.", "model.layers.{i}.self_attn."
+LLAMA_TABLE: tuple[Row, ...] = (
+    Row("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VocabRows()),
+    Row("decoder.layers.{i}.input_layernorm.weight", (_LAYER + "input_layernorm.weight",)),
+    Row("decoder.layers.{i}.self_attention.linear_qkv.weight",
+        tuple(_ATTN + f"{p}_proj.weight" for p in "qkv"), GroupedQKV()),
+    Row("decoder.layers.{i}.self_attention.linear_qkv.bias",
+        tuple(_ATTN + f"{p}_proj.bias" for p in "qkv"), GroupedQKV(), only_if="qkv_bias"),
+    Row("decoder.layers.{i}.self_attention.q_layernorm.weight", (_ATTN + "q_norm.weight",), only_if="qk_norm"),
+    Row("decoder.layers.{i}.self_attention.k_layernorm.weight", (_ATTN + "k_norm.weight",), only_if="qk_norm"),
+    Row("decoder.layers.{i}.self_attention.linear_proj.weight", (_ATTN + "o_proj.weight",)),
+    Row("decoder.layers.{i}.pre_mlp_layernorm.weight", (_LAYER + "post_attention_layernorm.weight",)),
+    Row("decoder.layers.{i}.mlp.linear_fc1.weight",
+        (_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight"), Stacked()),
+    Row("decoder.layers.{i}.mlp.linear_fc2.weight", (_LAYER + "mlp.down_proj.weight",)),
+    Row("decoder.final_layernorm.weight", ("model.norm.weight",)),
+    Row("output_layer.weight", ("lm_head.weight",), VocabRows(), only_if="untied_output"),
+)
+
+
+def mapping(model: ModelConfig, table: tuple[Row, ...] = LLAMA_TABLE) -> Iterator[tuple[str, tuple[str, ...], Same]]:
+    """The table expanded for one model: (megatron name, HF names, layout) per parameter, in model order."""
+    present = [row for row in table if row.only_if is None or FEATURES[row.only_if](model)]
+    layer_rows = [row for row in present if "{i}" in row.megatron]
+    for row in present:
+        if "{i}" not in row.megatron:
+            yield row.megatron, row.hf, row.layout
+        elif row is layer_rows[0]:  # every layer, in order, where the table's per-layer rows stand
+            for i in range(model.num_layers):
+                for layer_row in layer_rows:
+                    yield (layer_row.megatron.format(i=i), tuple(h.format(i=i) for h in layer_row.hf),
+                           layer_row.layout)
 
 
 def hf_to_megatron(get: Any, model: ModelConfig, padded_vocab: int) -> Iterator[tuple[str, Tensor]]:
@@ -143,65 +235,16 @@ def hf_to_megatron(get: Any, model: ModelConfig, padded_vocab: int) -> Iterator[
 
     ``get`` raises KeyError for a missing tensor; the caller turns that into a clear message.
     """
-    yield "embedding.word_embeddings.weight", _pad_rows(get("model.embed_tokens.weight"), padded_vocab)
-    for i in range(model.num_layers):
-        hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
-        yield mg + "input_layernorm.weight", get(hf + "input_layernorm.weight")
-        attn = hf + "self_attn."
-        yield mg + "self_attention.linear_qkv.weight", _qkv_from_hf(
-            get(attn + "q_proj.weight"), get(attn + "k_proj.weight"), get(attn + "v_proj.weight"), model
-        )
-        if model.qkv_bias:
-            yield mg + "self_attention.linear_qkv.bias", _qkv_from_hf(
-                get(attn + "q_proj.bias"), get(attn + "k_proj.bias"), get(attn + "v_proj.bias"), model
-            )
-        if model.qk_norm:
-            yield mg + "self_attention.q_layernorm.weight", get(attn + "q_norm.weight")
-            yield mg + "self_attention.k_layernorm.weight", get(attn + "k_norm.weight")
-        yield mg + "self_attention.linear_proj.weight", get(attn + "o_proj.weight")
-        yield mg + "pre_mlp_layernorm.weight", get(hf + "post_attention_layernorm.weight")
-        mlp = hf + "mlp."
-        yield mg + "mlp.linear_fc1.weight", torch.cat([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")])
-        yield mg + "mlp.linear_fc2.weight", get(mlp + "down_proj.weight")
-    yield "decoder.final_layernorm.weight", get("model.norm.weight")
-    if not model.tie_embeddings:
-        yield "output_layer.weight", _pad_rows(get("lm_head.weight"), padded_vocab)
+    for megatron, hf, layout in mapping(model):
+        yield megatron, layout.to_megatron([get(name) for name in hf], model, padded_vocab)
 
 
 def megatron_to_hf(get: Any, model: ModelConfig) -> Iterator[tuple[str, Tensor]]:
     """Yield (HF name, tensor) from megatron tensors read through ``get(name)``; vocab unpadded."""
-    vocab = model.vocab_size
-    yield "model.embed_tokens.weight", get("embedding.word_embeddings.weight")[:vocab]
-    for i in range(model.num_layers):
-        hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
-        yield hf + "input_layernorm.weight", get(mg + "input_layernorm.weight")
-        attn = hf + "self_attn."
-        q, k, v = _qkv_to_hf(get(mg + "self_attention.linear_qkv.weight"), model)
-        yield attn + "q_proj.weight", q
-        yield attn + "k_proj.weight", k
-        yield attn + "v_proj.weight", v
-        if model.qkv_bias:
-            qb, kb, vb = _qkv_to_hf(get(mg + "self_attention.linear_qkv.bias"), model)
-            yield attn + "q_proj.bias", qb
-            yield attn + "k_proj.bias", kb
-            yield attn + "v_proj.bias", vb
-        if model.qk_norm:
-            yield attn + "q_norm.weight", get(mg + "self_attention.q_layernorm.weight")
-            yield attn + "k_norm.weight", get(mg + "self_attention.k_layernorm.weight")
-        yield attn + "o_proj.weight", get(mg + "self_attention.linear_proj.weight")
-        yield hf + "post_attention_layernorm.weight", get(mg + "pre_mlp_layernorm.weight")
-        gate, up = torch.chunk(get(mg + "mlp.linear_fc1.weight"), 2, dim=0)
-        yield hf + "mlp.gate_proj.weight", gate
-        yield hf + "mlp.up_proj.weight", up
-        yield hf + "mlp.down_proj.weight", get(mg + "mlp.linear_fc2.weight")
-    yield "model.norm.weight", get("decoder.final_layernorm.weight")
-    if not model.tie_embeddings:
-        yield "lm_head.weight", get("output_layer.weight")[:vocab]
+    for megatron, hf, layout in mapping(model):
+        yield from zip(hf, layout.to_hf(get(megatron), model))
 
 
 def tensor_count(model: ModelConfig) -> int:
     """How many megatron tensors the mapping yields (for progress bars)."""
-    per_layer = 5 + (1 if model.qkv_bias else 0) + (2 if model.qk_norm else 0) + 1
-    return 2 + model.num_layers * per_layer + (0 if model.tie_embeddings else 1)
-
-
+    return sum(1 for _ in mapping(model))
