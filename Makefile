@@ -22,10 +22,12 @@ demo: venv
 	$(BIN)/torchrun --nproc-per-node $(NPROC) examples/train_mmpo.py --config-name train_demo
 
 # Two pytest workers: many tests run one single-threaded rank, so one worker leaves a core idle.
+# loadgroup: the tests marked xdist_group("four_ranks") share one worker, and so one pool of four
+# rank processes (each pays ~8 s of imports), instead of one pool per worker.
 TEST_WORKERS ?= 2
 
 test: venv
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist load tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 clean:
 	rm -rf $(VENV) outputs

@@ -327,7 +327,7 @@ def _packing_equivalence(seed):
         length = unpacked.input_ids.shape[1]
         causal = torch.triu(torch.ones(1, 1, length, length, dtype=torch.bool), diagonal=1)
         logits = model(unpacked.input_ids, unpacked.position_ids, causal)
-        plain = sequence_logprobs(logits, unpacked.labels, unpacked.loss_mask).sum
+        plain = sequence_logprobs(logits, unpacked.labels, unpacked.loss_mask)
         row_length = 64
         bins = pack_pairs(pairs, row_length)
         packed = collate_packed(pairs, bins, row_length, pad_id=0)
@@ -388,15 +388,32 @@ def test_inspect_data_cli(tmp_path):
     data = json.loads(report.read_text())
     assert data["pairs_in"] == 2 and data["pairs_kept"] == 1 and data["dropped"] == {"invalid_field": 1}
     assert data["errors"][0]["index"] == 1
+    # The error paths through the tool's main() (one interpreter start-up is enough for the CLI itself).
+    sys.path.insert(0, str(REPO / "tools"))
+    import inspect_data
+
     # The trainer's data.* keys work as overrides: the bad row becomes fatal.
-    done = subprocess.run([sys.executable, str(REPO / "tools/inspect_data.py"), "--data", path, "data.on_bad_row=error",
-                           "data.max_length=64", "data.max_prompt_length=32"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "row 1" in done.stderr and "on_bad_row=error" in done.stderr, done.stderr[-1000:]
+    code, _, stderr = call_main(inspect_data.main, ["--data", path, "data.on_bad_row=error", "data.max_length=64",
+                                                    "data.max_prompt_length=32"])
+    assert code == 2 and "row 1" in stderr and "on_bad_row=error" in stderr, stderr[-1000:]
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json}\n")
-    done = subprocess.run([sys.executable, str(REPO / "tools/inspect_data.py"), "--data", str(broken)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "line 1 is not valid JSON" in done.stderr
+    code, _, stderr = call_main(inspect_data.main, ["--data", str(broken)])
+    assert code == 2 and "line 1 is not valid JSON" in stderr, stderr[-1000:]
+
+
+def call_main(main, argv):
+    """A tool's ``main(argv)`` as its ``sys.exit(main())`` line runs it: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
 
 
 def test_tokenisation_is_cached_across_runs(tmp_path, tok):

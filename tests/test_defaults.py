@@ -167,16 +167,49 @@ def test_start_up_checks_run_before_any_work(tmp_path):
         preflight(compose("model.vocab_size=100"), world_size=1)
     with pytest.raises(ConfigError, match="data.tokenizer: tokenizer folder '/no/such/tok' does not exist"):
         preflight(compose("data.tokenizer=/no/such/tok"), world_size=1)
-    # Through the entry script: FP8 on a machine without TE / an FP8 GPU exits 2 with one line, and
-    # nothing was tokenised or written.
+    # Through the entry script: FP8 on a machine without TE / an FP8 GPU, and a TP the heads do not
+    # allow, each exit 2 with one line; nothing was tokenised or written.
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, str(REPO / "examples/train_mmpo.py"), "precision.fp8=hybrid",
-                           "model.layer_spec=transformer_engine", "device=cpu", f"train.output_dir={out}"],
-                          capture_output=True, text=True, timeout=300, env=QUIET, cwd=tmp_path)
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines()[-1].startswith("config error: model.layer_spec: transformer_engine needs")
-    assert "Traceback" not in done.stderr
-    assert not out.exists() or not any(out.iterdir())  # Hydra makes its run folder; nothing went in
+    cases = [(["precision.fp8=hybrid", "model.layer_spec=transformer_engine", "device=cpu"], {}),
+             (["--config-name", "train_demo", "parallel.tensor_parallel=3"], {"WORLD_SIZE": "3"})]
+    results = run_on_ranks(entry_script, 1, [(args + [f"train.output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"], env)
+                                             for args, env in cases])[0]
+    expected = ["config error: model.layer_spec: transformer_engine needs",
+                "config error: parallel.tensor_parallel: 3 must divide model.num_attention_heads=4"]
+    for (code, stderr), line in zip(results, expected, strict=True):
+        assert code == 2, stderr[-2000:]
+        assert stderr.strip().splitlines()[-1].startswith(line), stderr[-2000:]
+        assert "Traceback" not in stderr
+    assert not out.exists()
+
+
+def entry_script(cases):
+    """examples/train_mmpo.py run as `python examples/train_mmpo.py ARGS` runs it (Hydra's parser, the
+    exit code, stderr), once per (args, environment) case, in this pooled rank: (exit code, stderr)."""
+    import contextlib
+    import io
+    import runpy
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    script = str(REPO / "examples/train_mmpo.py")
+    results = []
+    for args, env in cases:
+        saved_argv, saved_env, stderr = sys.argv, dict(os.environ), io.StringIO()
+        sys.argv, code = [script, *args], 0
+        os.environ.update(env, MMPO_NO_PROGRESS="1")
+        try:
+            with contextlib.redirect_stderr(stderr):
+                runpy.run_path(script, run_name="__main__")
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            sys.argv = saved_argv
+            os.environ.clear()
+            os.environ.update(saved_env)
+            GlobalHydra.instance().clear()
+        results.append((code, stderr.getvalue()))
+    return results
 
 
 def test_from_hf_nine_heads_trains_at_tp3_with_no_shape_keys(tmp_path):

@@ -162,9 +162,11 @@ def current_layout(device: str | None = None) -> ParallelLayout:
 
 def destroy_parallel(destroy_process_group: bool = False) -> None:
     """Tear down megatron's groups (and optionally torch.distributed) so another layout can follow."""
-    from megatron.core import parallel_state
+    import sys
 
-    if parallel_state.model_parallel_is_initialized():
+    # Only if megatron was imported at all: a process that never used it need not pay its import.
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if destroy_process_group and dist.is_initialized():
         dist.destroy_process_group()
