@@ -112,7 +112,32 @@ class ParallelConfig:
     timeout_minutes: int = 30
     """Collective timeout. Long enough for a reference precompute pass on rank 0's checkpoint I/O."""
 
+    sequence_parallel: bool | None = None
+    """Megatron sequence parallelism: under TP, the norms' and residual stream's activations are
+    split along the sequence over the TP ranks instead of held whole on each (TP's all-reduces
+    become reduce-scatter + all-gather pairs of the same volume). null: on whenever
+    tensor_parallel > 1, as Megatron-LM recommends; it has no meaning at TP=1."""
+
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduce with the backward pass (megatron's DDP buckets).
+    Off by default: on a single node NVLink makes the reduce short, and on CPU gloo gains nothing;
+    turn it on for multi-node DP (the recipes do)."""
+
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward pass.
+    Pairs with overlap_grad_reduce; same default and reason."""
+
+    ddp_bucket_size: int | None = None
+    """Elements per gradient-reduce bucket; null: megatron's default (max(40M, 1M x DP) elements)."""
+
+    @property
+    def uses_sequence_parallel(self) -> bool:
+        """Whether sequence parallelism is on: the setting resolved for this TP size."""
+        return self.tensor_parallel > 1 and (self.sequence_parallel is None or self.sequence_parallel)
+
     def __post_init__(self) -> None:
+        _require(self.ddp_bucket_size is None or self.ddp_bucket_size >= 1, "parallel.ddp_bucket_size",
+                 f"must be null or >= 1, got {self.ddp_bucket_size}")
         _require(self.tensor_parallel >= 1, "parallel.tensor_parallel", f"must be >= 1, got {self.tensor_parallel}")
         _require(
             self.pipeline_parallel >= 1, "parallel.pipeline_parallel", f"must be >= 1, got {self.pipeline_parallel}"
@@ -225,6 +250,7 @@ def _as_source(source) -> DataSourceConfig:
 
 
 LAYER_SPECS = ("local", "local_sdpa", "transformer_engine")
+RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
 
 
 @dataclass
@@ -236,7 +262,8 @@ class ModelConfig:
 
     from_hf: str | None = None
     """An HF model folder (or a converted checkpoint): its config.json gives the shape, and the
-    fields below are ignored except layer_spec, make_vocab_size_divisible_by and fused_logprob_chunk."""
+    fields below are ignored except layer_spec, make_vocab_size_divisible_by, fused_logprob_chunk
+    and the recompute settings."""
 
     num_layers: int = 2
     hidden_size: int = 64
@@ -290,11 +317,30 @@ class ModelConfig:
     """local (megatron's own modules), local_sdpa (local with PyTorch SDPA attention: 1.44x faster
     than local on an H100 without TE), or transformer_engine (needed for FP8)."""
 
+    recompute: str = "none"
+    """Activation recomputation (megatron's recompute_granularity): none; selective (recompute
+    the core attention in the backward: its [heads, seq, seq] activations go for a few percent of
+    compute); full (keep only each layer's input, recompute the whole layer: activations shrink to
+    one tensor per layer for about a third more compute). Reach for selective first."""
+
+    recompute_method: str = "uniform"
+    """With recompute=full: uniform (checkpoint groups of recompute_num_layers layers) or block
+    (recompute only the first recompute_num_layers layers of each pipeline stage)."""
+
+    recompute_num_layers: int = 1
+    """With recompute=full: layers per checkpointed group (uniform) or recomputed layers per stage (block)."""
+
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads"):
             _require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
         _require(self.fused_logprob_chunk >= 0, "model.fused_logprob_chunk", f"must be >= 0, got {self.fused_logprob_chunk}")
         _require(self.layer_spec in LAYER_SPECS, "model.layer_spec", f"must be one of {LAYER_SPECS}, got {self.layer_spec!r}")
+        _require(self.recompute in RECOMPUTE_GRANULARITIES, "model.recompute",
+                 f"must be one of {RECOMPUTE_GRANULARITIES}, got {self.recompute!r}")
+        _require(self.recompute_method in ("uniform", "block"), "model.recompute_method",
+                 f"must be 'uniform' or 'block', got {self.recompute_method!r}")
+        _require(self.recompute_num_layers >= 1, "model.recompute_num_layers",
+                 f"must be >= 1, got {self.recompute_num_layers}")
         _require(
             self.position_embedding in ("rope", "learned_absolute"),
             "model.position_embedding",
@@ -358,6 +404,10 @@ def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
              f"{tp} must divide model.num_query_groups={model.query_groups}")
     _require(model.num_layers % (pp * vpp) == 0, "parallel.pipeline_parallel",
              f"pipeline_parallel x virtual_pipeline = {pp} x {vpp} must divide model.num_layers={model.num_layers}")
+    if model.recompute == "full":
+        per_stage = model.num_layers // (pp * vpp)
+        _require(model.recompute_num_layers <= per_stage, "model.recompute_num_layers",
+                 f"{model.recompute_num_layers} is more than the {per_stage} layers of a pipeline stage")
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
@@ -563,6 +613,14 @@ class TrainConfig:
                 f"must be a multiple of 16 with precision.fp8={self.precision.fp8}, got {self.data.pad_to_multiple}",
             )
             check_fp8_layer_spec(self.model, self.precision)
+        # TE's causal attention ignores an attention mask: packed sequences would attend to each
+        # other. TE needs the packed rows as THD (cu_seqlens), which this trainer does not build yet.
+        _require(not (self.data.packing and self.model.layer_spec == "transformer_engine"), "data.packing",
+                 "is not supported on model.layer_spec=transformer_engine yet (TE's attention would ignore the "
+                 "packed rows' mask); use model.layer_spec=local_sdpa, or data.packing=false")
+        _require(not self.parallel.overlap_param_gather or self.optim.distributed_optimizer,
+                 "parallel.overlap_param_gather", "needs optim.distributed_optimizer=true (it overlaps that "
+                 "optimizer's parameter all-gather)")
 
     def validate_for_world(self, world_size: int) -> None:
         """Checks that need the world size; errors name the field."""

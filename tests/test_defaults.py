@@ -117,7 +117,7 @@ def test_every_config_field_overrides_on_every_preset_and_is_type_checked():
     # The README's example and the keys the issue found refused before.
     cfg = compose("data.packing=true", "data.pack_length=4096", "model.fused_logprob_chunk=0", "loss=dpo",
                   "loss.aux_weight=0.3", "parallel.timeout_minutes=5", "model=llama3_8b",
-                  "model.make_vocab_size_divisible_by=64")
+                  "model.make_vocab_size_divisible_by=64", "model.layer_spec=local_sdpa")
     assert (cfg.data.packing, cfg.data.pack_length, cfg.model.fused_logprob_chunk, cfg.loss.name, cfg.loss.aux_weight,
             cfg.parallel.timeout_minutes, cfg.model.num_layers, cfg.model.make_vocab_size_divisible_by) == (
         True, 4096, 0, "dpo", 0.3, 5, 32, 64)

@@ -64,11 +64,17 @@ def test_every_group_option_composes(group, option):
         assert got == value, (group, option, key, got)
 
 
-def test_llama3_8b_recipe_layout_fits_two_nodes():
+def test_large_model_recipes_lay_out_on_their_clusters():
     cfg = composed("llama3_8b_mmpo")
     assert (cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel) == (4, 2)
-    cfg.validate_for_world(16)
-    assert cfg.model.num_attention_heads % 4 == 0 and cfg.model.query_groups % 4 == 0
+    cfg.validate_for_world(16)  # 2 nodes x 8
+    assert cfg.parallel.uses_sequence_parallel and cfg.parallel.overlap_grad_reduce and cfg.model.recompute == "selective"
+    cfg = composed("llama3_70b_mmpo")
+    assert (cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.virtual_pipeline) == (8, 4, 2)
+    cfg.validate_for_world(32)  # 4 nodes x 8
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == (80, 8192, 64)
+    assert cfg.parallel.uses_sequence_parallel and cfg.model.recompute == "selective"
+    assert cfg.data.max_prompt_length == 1800 and cfg.reference.mode == "precompute"
 
 
 def test_dockerfile_names_real_paths_and_ngc_conventions():

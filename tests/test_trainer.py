@@ -24,6 +24,7 @@ from mmpo_megatron.config import (
     ReferenceConfig,
     TrainConfig,
     TrainerConfig,
+    validate_layout,
 )
 from mmpo_megatron.parallel.testing import run_on_ranks
 
@@ -66,14 +67,29 @@ def train_records(cfg):
 
 # ------------------------------------------------------------------------------------------ layouts
 
-# name: (world size, tp, pp, vpp); DP = world / (tp * pp)
+# name: (world size, tp, pp, vpp, settings); DP = world / (tp * pp). Sequence parallelism is on
+# wherever TP > 1 unless a layout turns it off; settings are (section, field) -> value.
 LAYOUTS = {
-    "tp2": (2, 2, 1, None),
-    "pp2": (2, 1, 2, None),
-    "dp2": (2, 1, 1, None),
-    "tp2_pp2": (4, 2, 2, None),
-    "pp2_vpp2_dp2": (4, 1, 2, 2),  # interleaved 1F1B
+    "tp2": (2, 2, 1, None, {}),
+    "tp2_no_sp": (2, 2, 1, None, {("parallel", "sequence_parallel"): False}),
+    "tp2_recompute_full": (2, 2, 1, None, {("model", "recompute"): "full", ("model", "recompute_num_layers"): 2}),
+    "pp2": (2, 1, 2, None, {("model", "recompute"): "selective"}),
+    "dp2_overlap": (2, 1, 1, None, {("parallel", "overlap_grad_reduce"): True,
+                                     ("parallel", "overlap_param_gather"): True,
+                                     ("parallel", "ddp_bucket_size"): 4000}),  # several buckets
+    "tp2_pp2": (4, 2, 2, None, {}),
+    "pp2_vpp2_dp2": (4, 1, 2, 2, {}),  # interleaved 1F1B
+    "pp2_dp2_overlap": (4, 1, 2, None, {("parallel", "overlap_grad_reduce"): True,
+                                         ("parallel", "overlap_param_gather"): True,
+                                         ("parallel", "ddp_bucket_size"): 4000}),
 }
+# DPO's step differs from MMPO's only in the per-pair loss: two layouts (TP with SP, and DP x
+# interleaved PP) check it; the MMPO runs cover the rest.
+DPO_LAYOUTS = ("tp2", "pp2_vpp2_dp2")
+
+
+def layout_losses(name):
+    return ("mmpo", "dpo") if name in DPO_LAYOUTS else ("mmpo",)
 
 
 # Adam with eps far above every |gradient| is SGD with step lr / eps: each update is proportional
@@ -125,12 +141,14 @@ def init_and_base(root):
 
 def layout_runs(root, world):
     out = {"variants": loss_variant_runs(root, 2)} if world == 2 else {}
-    for name, (size, tp, pp, vpp) in LAYOUTS.items():
+    for name, (size, tp, pp, vpp, settings) in LAYOUTS.items():
         if size != world:
             continue
-        for loss in ("mmpo", "dpo"):
+        for loss in layout_losses(name):
             cfg = make_config(Path(root) / f"{name}_{loss}", loss=loss, tp=tp, pp=pp, vpp=vpp, steps=LAYOUT_STEPS,
                               optim=LAYOUT_OPTIM, checkpoint=CheckpointConfig(load_weights=str(Path(root) / "init")))
+            for (section, field), value in settings.items():
+                setattr(getattr(cfg, section), field, value)
             out[(name, loss)] = train_records(cfg)
     return out
 
@@ -159,13 +177,13 @@ def test_two_steps_match_single_process_at_every_layout(tmp_path):
     base = run_on_ranks(init_and_base, 1, str(tmp_path))[0]
     runs = run_on_ranks(layout_runs, 2, str(tmp_path), 2)[0]  # rank 0 holds the records
     runs.update({k: v for k, v in run_on_ranks(layout_runs, 4, str(tmp_path), 4)[0].items()})
-    names = ["init"] + [f"base_{l}" for l in ("mmpo", "dpo")] + [f"{n}_{l}" for n in LAYOUTS for l in ("mmpo", "dpo")]
+    names = ["init"] + [f"base_{l}" for l in ("mmpo", "dpo")] + [f"{n}_{l}" for n in LAYOUTS for l in layout_losses(n)]
     weights = run_on_ranks(final_weights, 1, str(tmp_path), names)[0]
     for loss in ("mmpo", "dpo"):
         ref = [r for r in base[loss] if r["split"] == "train"]
         assert [r["step"] for r in ref] == list(range(1, LAYOUT_STEPS + 1)) and ref[0]["pairs"] == 8
         assert ref[1]["loss"] != ref[0]["loss"]  # step 1 moved the model
-        for name in LAYOUTS:
+        for name in (n for n in LAYOUTS if loss in layout_losses(n)):
             got = [r for r in runs[(name, loss)] if r["split"] == "train"]
             for a, b in zip(got, ref, strict=True):
                 for key in COMPARED:
@@ -452,6 +470,17 @@ def test_config_errors_name_the_field_before_heavy_work():
         resolve_config(OmegaConf.create({**fp8, "model": {"layer_spec": "local_sdpa"}}))
     with pytest.raises(ConfigError, match="precision.fp8_recipe: must be delayed, tensorwise or blockwise"):
         resolve_config(OmegaConf.create({**fp8, "precision": {"fp8": "e4m3", "fp8_recipe": "mxfp4"}}))
+    with pytest.raises(ConfigError, match="data.packing: is not supported on model.layer_spec=transformer_engine"):
+        resolve_config(OmegaConf.create({"data": {"packing": True}, "model": {"layer_spec": "transformer_engine"}}))
+    with pytest.raises(ConfigError, match="parallel.overlap_param_gather: needs optim.distributed_optimizer=true"):
+        resolve_config(OmegaConf.create({"parallel": {"overlap_param_gather": True},
+                                         "optim": {"distributed_optimizer": False}}))
+    with pytest.raises(ConfigError, match="model.recompute: must be one of"):
+        resolve_config(OmegaConf.create({"model": {"recompute": "some"}}))
+    with pytest.raises(ConfigError, match="model.recompute_num_layers: 3 is more than the 2 layers of a pipeline stage"):
+        validate_layout(ModelConfig(num_layers=4, recompute="full", recompute_num_layers=3), ParallelConfig(pipeline_parallel=2))
+    assert ParallelConfig(tensor_parallel=2).uses_sequence_parallel and not ParallelConfig().uses_sequence_parallel
+    assert not ParallelConfig(tensor_parallel=2, sequence_parallel=False).uses_sequence_parallel
 
 
 def run_demo(out):
@@ -571,7 +600,7 @@ def optimizer_groups(root):
     initialize_parallel(device="cpu")
     try:
         chunks = build_model_chunks(cfg.model, cfg.parallel, cfg.precision, vocab_size=263, device="cpu")
-        _, optimizer = wrap_for_training(chunks, cfg.optim, torch.float32)
+        _, optimizer = wrap_for_training(chunks, cfg.optim, cfg.parallel, torch.float32)
         inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
         return [(type(o).__name__, g["fused"], g["foreach"]) for o in inner for g in o.param_groups]
     finally:
@@ -625,6 +654,36 @@ def packed_and_padded(root, tp, pp, spec, chunk):
         cfg.train.eval_interval = 2
         out[packing] = train_records(cfg)
     return out
+
+
+def leaking_packed_run(root, leak):
+    """A packed run whose attention ignores the packed rows' block mask (as TE's causal attention
+    ignores an attention mask): plain causal attention over the whole row."""
+    from mmpo_megatron.model import schedule
+
+    cfg = make_config(Path(root) / f"leak{int(leak)}", steps=1)
+    cfg.data.packing = True
+    real = schedule.packed_attention_mask
+    if leak:
+        schedule.packed_attention_mask = lambda kind, segment_ids: None
+    try:
+        return train_records(cfg), None
+    except ConfigError as exc:
+        return None, str(exc)
+    finally:
+        schedule.packed_attention_mask = real
+
+
+def test_the_first_packed_step_stops_a_mask_the_attention_ignores(tmp_path):
+    """Every packed run scores its first micro-batch packed and padded: a leaking mask stops the run
+    naming data.packing before any update; an honoured one trains on."""
+    records, error = run_on_ranks(leaking_packed_run, 1, str(tmp_path), True)[0]
+    assert records is None and error.startswith("data.packing: packed rows give log-probs"), error
+    gap = float(error.split("log-probs ")[1].split(" per token")[0])
+    assert gap > 10 * 1e-4, error  # far outside the fp32 tolerance (PACKING_TOLERANCE), not a borderline call
+    assert not (tmp_path / "leak1" / "checkpoints").exists()
+    records, error = run_on_ranks(leaking_packed_run, 1, str(tmp_path), False)[0]
+    assert error is None and [r["split"] for r in records].count("train") == 1
 
 
 def test_default_pack_length_puts_a_micro_batch_in_one_row_only_where_flex_attention_trains():

@@ -132,10 +132,11 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
     precision = PrecisionConfig()
     dtype = resolve_dtype(precision, device.type)
     vocab = model_cfg.vocab_size or 32000
-    chunks = build_model_chunks(model_cfg, ParallelConfig(device=device.type), precision, vocab_size=vocab, device=device.type)
+    parallel = ParallelConfig(device=device.type)
+    chunks = build_model_chunks(model_cfg, parallel, precision, vocab_size=vocab, device=device.type)
     # The trainer's DDP and optimizer (fp32 masters, distributed optimizer) at the GPU baseline's lr and clipping.
     optim = OptimConfig(lr=1e-6, clip_grad=1.0, warmup_ratio=0.0, decay_style="constant")
-    ddp, optimizer = wrap_for_training(chunks, optim, dtype)
+    ddp, optimizer = wrap_for_training(chunks, optim, parallel, dtype)
     params = sum(p.numel() for p in unwrap(chunks[0]).parameters())
     tokenizer = build_byte_tokenizer()
     rng = random.Random(args.seed)

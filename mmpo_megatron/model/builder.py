@@ -77,6 +77,8 @@ def transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=parallel.tensor_parallel,
+        sequence_parallel=parallel.uses_sequence_parallel,
+        **_recompute_kwargs(model),
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
         bf16=dtype == torch.bfloat16,
@@ -95,19 +97,66 @@ def transformer_config(
     )
 
 
+def _recompute_kwargs(model: ModelConfig) -> dict:
+    """``model.recompute`` as megatron's recompute_granularity / method / num_layers."""
+    if model.recompute == "none":
+        return {}
+    if model.recompute == "selective":
+        return {"recompute_granularity": "selective"}  # megatron's default module list: core attention
+    return {"recompute_granularity": "full", "recompute_method": model.recompute_method,
+            "recompute_num_layers": model.recompute_num_layers}
+
+
+class LocalNorm:
+    """The local specs' RMSNorm / LayerNorm (torch's modules, as megatron's WrappedTorchNorm builds),
+    usable under sequence parallelism.
+
+    megatron's WrappedTorchNorm refuses sequence parallelism only because it does not mark its
+    weights: under SP each TP rank normalises its own slice of the sequence, so a norm weight's
+    gradient is a partial sum, and ``finalize_model_grads`` all-reduces it over TP exactly for
+    parameters marked ``sequence_parallel`` (as TE's and Apex's norms are marked).
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused) -> torch.nn.Module:
+        norm_class = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_class(hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
 def layer_spec(model: ModelConfig):
     """The transformer layer spec named by ``model.layer_spec``."""
     from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     if model.layer_spec == "transformer_engine":
         _require_transformer_engine()
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_norm, normalization=model.normalization)
+    layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+    for holder, name in ((layer, "input_layernorm"), (layer, "pre_mlp_layernorm"), (attention, "q_layernorm"),
+                         (attention, "k_layernorm")):
+        if getattr(holder, name, None) is WrappedTorchNorm:
+            setattr(holder, name, LocalNorm)
     if model.layer_spec == "local_sdpa":
         from mmpo_megatron.model.sdpa_attention import SDPAttention
 
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        attention.core_attention = SDPAttention
     return spec
+
+
+def block_spec(model: ModelConfig, config, vp_stage: int | None):
+    """This stage's decoder block: the layer spec per layer, and the final norm to match it."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    spec = layer_spec(model)
+    if model.layer_spec == "transformer_engine":
+        return spec  # megatron pairs TE layers with TE's own final norm
+    # Left to megatron, the final norm of a local spec is TE's when TE is installed and otherwise
+    # WrappedTorchNorm (no sequence parallelism): say which.
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=LocalNorm)
 
 
 def build_model_chunks(
@@ -127,7 +176,6 @@ def build_model_chunks(
 
     validate_layout(model, parallel)
     config = transformer_config(model, parallel, precision, device, initialize)
-    spec = layer_spec(model)
     chunks = []
     vpp = parallel.virtual_pipeline
     for stage in range(vpp or 1):
@@ -136,7 +184,7 @@ def build_model_chunks(
         torch.manual_seed(seed + 7919 * stage)
         gpt = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=block_spec(model, config, vp_stage),
             vocab_size=padded_vocab_size(vocab_size, model.make_vocab_size_divisible_by, parallel.tensor_parallel),
             max_sequence_length=model.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -163,6 +211,14 @@ def _defer_output_layer(gpt: torch.nn.Module) -> None:
     import types
 
     def passthrough(self, hidden_states, weight=None, runtime_gather_output=None, **kwargs):
+        if self.sequence_parallel:
+            # Under sequence parallelism the hidden states arrive split along the sequence. The
+            # vocab-parallel log-probs need every position on every TP rank: gather them, as the
+            # layer's own forward would. The fused log-probs already sum their input gradient over
+            # TP (on completion tokens only), so the gather's backward only keeps this rank's part.
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
         return hidden_states, None
 
     gpt.output_layer.forward = types.MethodType(passthrough, gpt.output_layer)

@@ -9,23 +9,39 @@ from typing import Sequence
 
 import torch
 
-from mmpo_megatron.config import OptimConfig
+from mmpo_megatron.config import OptimConfig, ParallelConfig
 from mmpo_megatron.model.builder import unwrap
 
 
-def wrap_for_training(chunks: Sequence[torch.nn.Module], optim: OptimConfig, dtype: torch.dtype) -> tuple[list, object]:
-    """(DDP-wrapped chunks, megatron optimizer): fp32 gradient reduction, fp32 master weights under bf16."""
+def wrap_for_training(chunks: Sequence[torch.nn.Module], optim: OptimConfig, parallel: ParallelConfig,
+                      dtype: torch.dtype) -> tuple[list, object]:
+    """(DDP-wrapped chunks, megatron optimizer): fp32 gradient reduction, fp32 master weights under
+    bf16, and the data-parallel communication overlap and bucket size of ``parallel``."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = unwrap(chunks[0]).config
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=optim.distributed_optimizer
+        grad_reduce_in_fp32=True, use_distributed_optimizer=optim.distributed_optimizer,
+        overlap_grad_reduce=parallel.overlap_grad_reduce, overlap_param_gather=parallel.overlap_param_gather,
+        bucket_size=parallel.ddp_bucket_size,
     )
     # Bucketing only for the first virtual stage, as megatron-LM does for interleaved schedules.
     wrapped = [DistributedDataParallel(config, ddp_config, module=chunk, disable_bucketing=i > 0)
                for i, chunk in enumerate(chunks)]
-    config.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+
+    def per_chunk(method: str):
+        functions = [getattr(chunk, method) for chunk in wrapped]
+        return functions if len(functions) > 1 else functions[0]
+
+    # The schedules call these as Megatron-LM's training loop sets them: gradient sync held back
+    # until the last micro-batch, then (overlapped) started per chunk as its backward ends, and
+    # the parameter all-gather started per chunk before its first forward.
+    config.no_sync_func = per_chunk("no_sync")
+    if parallel.overlap_grad_reduce:
+        config.grad_sync_func = per_chunk("start_grad_sync")
+    if parallel.overlap_param_gather:
+        config.param_sync_func = per_chunk("start_param_sync")
     config.finalize_model_grads_func = finalize_model_grads
     optimizer = get_megatron_optimizer(
         OptimizerConfig(

@@ -16,23 +16,33 @@ optimizer step and the learning-rate schedule (which follows the step count, ski
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-from mmpo_megatron.config import OptimConfig, TrainConfig
+from mmpo_megatron.config import ConfigError, OptimConfig, TrainConfig
 from mmpo_megatron.model import checkpoint as ckpt
-from mmpo_megatron.model.builder import build_model_chunks, default_pack_length, resolve_dtype
+from mmpo_megatron.model.builder import build_model_chunks, default_pack_length, resolve_dtype, unwrap
 from mmpo_megatron.model.objective import Objective, objective_for
 from mmpo_megatron.model.optimizer import wrap_for_training
 from mmpo_megatron.model.reference import ReferenceSource
-from mmpo_megatron.model.schedule import HeadAndMask, MicroBatch, train_microbatches
+from mmpo_megatron.model.schedule import HeadAndMask, MicroBatch, score_microbatches, train_microbatches
 from mmpo_megatron.model.scoring import microbatches_for, score_dataset
 from mmpo_megatron.pair_logprobs import PairLogProbs
 from mmpo_megatron.parallel.batch_stats import reduce_metric_sums
 from mmpo_megatron.parallel.runtime import current_layout
+
+
+PACKING_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+"""Largest per-pair, per-token log-prob gap allowed between a packed and a padded forward of the same
+pairs (check_packing). A correct mask leaves reduction-order noise only (fp32: ~1e-6; bf16: 2^-8
+relative rounding, averaged over the completion). A mask the attention ignores moved the tiny
+random test model by 0.004-0.017 per token (its attention is near uniform); trained models, whose
+attention is sharp, move by more."""
 
 
 class MegatronPreferenceModel:
@@ -46,10 +56,15 @@ class MegatronPreferenceModel:
         from megatron.core import parallel_state as ps
 
         self.chunks, self.objective = list(chunks), objective
+        config = unwrap(self.chunks[0]).config
+        if config.sequence_parallel:  # the sequence is split over the TP ranks: its length must divide
+            pad_to_multiple = math.lcm(pad_to_multiple, config.tensor_model_parallel_size)
         self.vocab_size, self.pad_id, self.pad_to_multiple = vocab_size, pad_id, pad_to_multiple
         self.head_and_mask, self.pack_length, self.micro_batch_size = head_and_mask, pack_length, micro_batch_size
         self.optimizer, self.scheduler = optimizer, scheduler
         self.reference: ReferenceSource | None = None
+        self._holding_weights = False  # inside updated_weights()
+        self._packing_checked = False
         self.layout = current_layout()
         self.device = self.layout.device
         self.last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
@@ -66,7 +81,7 @@ class MegatronPreferenceModel:
                                     seed=cfg.train.seed if seed is None else seed)
         optimizer = scheduler = None
         if total_steps is not None:
-            chunks, optimizer = wrap_for_training(chunks, cfg.optim, resolve_dtype(cfg.precision, device))
+            chunks, optimizer = wrap_for_training(chunks, cfg.optim, cfg.parallel, resolve_dtype(cfg.precision, device))
             scheduler = lr_schedule(optimizer, cfg.optim, total_steps)
         pack_length = None
         if cfg.data.packing:
@@ -86,9 +101,28 @@ class MegatronPreferenceModel:
     def score(self, pairs, *, chunks: Sequence[torch.nn.Module] | None = None, progress: bool = False) -> PairLogProbs | None:
         """Forward-only per-pair summed log-probs of a whole data set, any TP/PP/DP (last stage; None
         elsewhere). ``chunks`` scores other weights of the same layout (a resident reference)."""
-        return score_dataset(chunks or self.chunks, pairs, self.micro_batch_size, self.pad_id, self.pad_to_multiple,
-                             self.device, self.vocab_size, self.head_and_mask, progress=progress,
-                             pack_length=self.pack_length)
+        with self.updated_weights():
+            return score_dataset(chunks or self.chunks, pairs, self.micro_batch_size, self.pad_id,
+                                 self.pad_to_multiple, self.device, self.vocab_size, self.head_and_mask,
+                                 progress=progress, pack_length=self.pack_length)
+
+    @contextlib.contextmanager
+    def updated_weights(self) -> Iterator[None]:
+        """Inside the block the parameters hold the last update. With ``parallel.overlap_param_gather``
+        the distributed optimizer's all-gather of an update waits for the next training forward (its
+        pre-hooks); scoring, saving and a weight swap must not see, save or overwrite half-gathered
+        parameters, so the gather is finished first (Megatron-LM does the same around evaluation)."""
+        outermost = not self._holding_weights
+        hooked = [chunk for chunk in self.chunks if outermost and getattr(chunk, "use_forward_hook", False)]
+        for chunk in hooked:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        self._holding_weights = True
+        try:
+            yield
+        finally:
+            self._holding_weights = not outermost
+            for chunk in hooked:
+                chunk.enable_forward_pre_hook()
 
     def set_reference(self, reference: ReferenceSource | None) -> None:
         """Where reference log-probs come from (None: the objective needs none)."""
@@ -99,7 +133,8 @@ class MegatronPreferenceModel:
         if self.objective.needs_reference:
             if self.reference is None:
                 raise RuntimeError(f"loss {self.objective.config.name!r} needs a reference source: call set_reference")
-            self.reference.fill(self, micro_batches)
+            with self.updated_weights():  # cpu_swap writes the reference into the parameters
+                self.reference.fill(self, micro_batches)
 
     # ------------------------------------------------------------------------------- the step
     def loss_and_metrics(self, micro_batches: Sequence[MicroBatch], forward_only: bool = False) -> dict[str, float]:
@@ -112,12 +147,41 @@ class MegatronPreferenceModel:
                                        forward_only=forward_only)
         return self.from_last_stage(reduce_metric_sums(per_micro, self.dp_group) if self.last_stage else None)
 
+    def check_packing(self, micro: MicroBatch) -> float:
+        """Score one packed micro-batch packed and again padded (one extra forward of each); raise a
+        ConfigError naming ``data.packing`` when the per-pair, per-token log-probs differ by more than
+        PACKING_TOLERANCE: the layer spec's attention did not honour the packed rows' block mask, so
+        the sequences of a row attended to each other. Returns the largest difference."""
+        padded = dataclasses.replace(micro, packed=None)
+        with self.updated_weights():
+            packed_scores = score_microbatches(self.chunks, [micro], self.head_and_mask)
+            padded_scores = score_microbatches(self.chunks, [padded], self.head_and_mask)
+        worst = None
+        if self.last_stage:
+            (_, packed), (_, unpacked) = packed_scores[0], padded_scores[0]
+            valid = micro.batch.pair_valid
+            gaps = [(a - b).abs()[valid] for a, b in zip(packed.reduced("mean")[:2], unpacked.reduced("mean")[:2])]
+            worst = {"gap": float(torch.cat(gaps).max()) if valid.any() else 0.0}
+        worst = self.from_last_stage(worst)["gap"]
+        dtype = next(unwrap(self.chunks[0]).parameters()).dtype
+        tolerance = PACKING_TOLERANCE.get(dtype, PACKING_TOLERANCE[torch.bfloat16])
+        if not worst <= tolerance:
+            raise ConfigError(
+                f"data.packing: packed rows give log-probs {worst:.3g} per token away from the same pairs padded "
+                f"(tolerance {tolerance:g} in {dtype}): this layer spec's attention ignored the packed rows' "
+                "block mask, so sequences packed together attended to each other. Set data.packing=false, or "
+                "use model.layer_spec=local_sdpa.")
+        return worst
+
     def train_step(self, micro_batches: Sequence[MicroBatch]) -> dict[str, float]:
         """One optimizer step: zero gradients, reference log-probs, forward/backward, a finite check
         on every rank, then the update (skipped when any loss or gradient is not finite: ``skipped``
         is 1) and the learning-rate schedule. Returns the step's global metrics."""
         if self.optimizer is None:
             raise RuntimeError("this model was built without an optimizer (from_config without total_steps)")
+        if micro_batches[0].packed is not None and not self._packing_checked:
+            self.check_packing(micro_batches[0])  # once per model: the first packed step
+            self._packing_checked = True
         self.reference_logps(micro_batches)
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
@@ -156,7 +220,8 @@ class MegatronPreferenceModel:
         """Weights, optimizer, scheduler and ``trainer_state`` as ``root/step_NNNNNNN`` (atomic)."""
         state = {**trainer_state, "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                  "layout": ckpt.layout_state(), "vocab_size": self.vocab_size}
-        return ckpt.save_checkpoint(root, step, self.chunks, self.optimizer, state, keep_last=keep_last)
+        with self.updated_weights():
+            return ckpt.save_checkpoint(root, step, self.chunks, self.optimizer, state, keep_last=keep_last)
 
     def resume(self, path) -> dict[str, Any]:
         """Weights, optimizer state, schedule and RNG from a checkpoint; returns its trainer state."""

@@ -164,7 +164,8 @@ class CpuSwapReference(ReferenceSource):
 
     def score(self, model: "MegatronPreferenceModel", pairs) -> PairLogProbs | None:
         """Score a data set with the reference weights swapped in."""
-        with self.swapped_in(model.chunks):
+        # The policy's last update is gathered before its weights are set aside (overlap_param_gather).
+        with model.updated_weights(), self.swapped_in(model.chunks):
             return model.score(pairs)
 
 

@@ -67,8 +67,41 @@ class CpuGlobalMemoryBuffer(GlobalMemoryBuffer):
         return buffer[:required].view(*tensor_shape)
 
 
+def _cpu_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _recompute_under_the_mode() -> None:
+    """Run megatron's recomputing backward (activation recomputation) under the CUDA -> CPU mode.
+
+    A torch function mode is off while its own handler runs, so a ``backward()`` called through
+    the mode runs without it; a backward that re-runs forward code (``CheckpointFunction``) would
+    then meet megatron's ``device="cuda"`` allocations. Idempotent.
+    """
+    checkpoint = mcore_random.CheckpointFunction
+    if getattr(checkpoint.backward, "_under_cpu_mode", False):
+        return
+    original = checkpoint.backward
+
+    def backward(ctx, *grads):
+        with CudaToCpuMode():
+            return original(ctx, *grads)
+
+    backward._under_cpu_mode = True
+    checkpoint.backward = staticmethod(backward)
+
+
 def cpu_model_parallel_seed(seed: int) -> None:
     """CPU twin of ``tensor_parallel.model_parallel_cuda_manual_seed`` with the same seed offsets."""
+    # Activation recomputation saves and restores the "CUDA" generator around each recomputed
+    # block (megatron's CheckpointFunction); on CPU that generator is the CPU one.
+    mcore_random._get_cuda_rng_state = _cpu_rng_state
+    mcore_random._set_cuda_rng_state = _set_cpu_rng_state
+    _recompute_under_the_mode()
     tracker = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER = tracker
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

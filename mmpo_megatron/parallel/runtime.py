@@ -160,13 +160,36 @@ def current_layout(device: str | None = None) -> ParallelLayout:
     )
 
 
+def _megatron_groups(parallel_state) -> list:
+    """Every process group megatron's parallel_state holds (module globals, alone or in lists), but the default one."""
+    world = dist.group.WORLD
+    found: dict[int, object] = {}
+    for value in vars(parallel_state).values():
+        candidates = value if isinstance(value, (list, tuple)) else [value]
+        for group in candidates:
+            if isinstance(group, dist.ProcessGroup) and group is not world:
+                found[id(group)] = group
+    return list(found.values())
+
+
 def destroy_parallel(destroy_process_group: bool = False) -> None:
     """Tear down megatron's groups (and optionally torch.distributed) so another layout can follow."""
+    import gc
     import sys
+
+    # A finished run's DDP buckets and optimizer hold its groups in reference cycles: free them now,
+    # or each gloo group keeps its threads (~50 a TP=2 run) until some later collection.
+    gc.collect()
 
     # Only if megatron was imported at all: a process that never used it need not pay its import.
     parallel_state = sys.modules.get("megatron.core.parallel_state")
     if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+        # megatron's destroy only forgets its groups; torch keeps them registered, each gloo group
+        # with its threads, until they are destroyed. A process that visits many layouts (tests, a
+        # tool scoring at several TP sizes) would pile them up, so destroy each one here.
+        if dist.is_initialized():
+            for group in _megatron_groups(parallel_state):
+                dist.destroy_process_group(group)
         parallel_state.destroy_model_parallel()
     if destroy_process_group and dist.is_initialized():
         dist.destroy_process_group()

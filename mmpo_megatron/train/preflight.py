@@ -25,7 +25,8 @@ def model_from_hf(model: ModelConfig) -> ModelConfig:
         raise ConfigError(f"model.from_hf: {exc}") from None
     translated = model_config_from_hf(hf, layer_spec=model.layer_spec)
     return replace(translated, from_hf=model.from_hf, make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-                   fused_logprob_chunk=model.fused_logprob_chunk)
+                   fused_logprob_chunk=model.fused_logprob_chunk, recompute=model.recompute,
+                   recompute_method=model.recompute_method, recompute_num_layers=model.recompute_num_layers)
 
 
 def tokenizer_length(name: str) -> int:
