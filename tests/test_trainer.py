@@ -67,29 +67,26 @@ def train_records(cfg):
 
 # ------------------------------------------------------------------------------------------ layouts
 
-# name: (world size, tp, pp, vpp, settings); DP = world / (tp * pp). Sequence parallelism is on
-# wherever TP > 1 unless a layout turns it off; settings are (section, field) -> value.
+# name: (world size, tp, pp, vpp, settings, losses); DP = world / (tp * pp). Sequence parallelism
+# is on wherever TP > 1 unless a layout turns it off; settings are (section, field) -> value. DPO's
+# step differs from MMPO's only in the per-pair loss: two layouts check it, MMPO runs the rest.
+OVERLAP = {("parallel", "overlap_grad_reduce"): True, ("parallel", "overlap_param_gather"): True,
+           ("parallel", "ddp_bucket_size"): 4000}  # 4000 elements: several buckets
 LAYOUTS = {
-    "tp2": (2, 2, 1, None, {}),
-    "tp2_no_sp": (2, 2, 1, None, {("parallel", "sequence_parallel"): False}),
-    "tp2_recompute_full": (2, 2, 1, None, {("model", "recompute"): "full", ("model", "recompute_num_layers"): 2}),
-    "pp2": (2, 1, 2, None, {("model", "recompute"): "selective"}),
-    "dp2_overlap": (2, 1, 1, None, {("parallel", "overlap_grad_reduce"): True,
-                                     ("parallel", "overlap_param_gather"): True,
-                                     ("parallel", "ddp_bucket_size"): 4000}),  # several buckets
-    "tp2_pp2": (4, 2, 2, None, {}),
-    "pp2_vpp2_dp2": (4, 1, 2, 2, {}),  # interleaved 1F1B
-    "pp2_dp2_overlap": (4, 1, 2, None, {("parallel", "overlap_grad_reduce"): True,
-                                         ("parallel", "overlap_param_gather"): True,
-                                         ("parallel", "ddp_bucket_size"): 4000}),
+    "tp2": (2, 2, 1, None, {}, ("mmpo", "dpo")),
+    "tp2_no_sp": (2, 2, 1, None, {("parallel", "sequence_parallel"): False}, ("mmpo",)),
+    "tp2_recompute_full": (2, 2, 1, None, {("model", "recompute"): "full", ("model", "recompute_num_layers"): 2},
+                           ("mmpo",)),
+    "pp2_recompute_selective": (2, 1, 2, None, {("model", "recompute"): "selective"}, ("mmpo",)),
+    "dp2_overlap": (2, 1, 1, None, OVERLAP, ("mmpo",)),
+    "tp2_pp2": (4, 2, 2, None, {}, ("mmpo",)),
+    "pp2_vpp2_dp2": (4, 1, 2, 2, {}, ("dpo",)),  # interleaved 1F1B
+    "pp2_vpp2_dp2_overlap": (4, 1, 2, 2, OVERLAP, ("mmpo",)),
 }
-# DPO's step differs from MMPO's only in the per-pair loss: two layouts (TP with SP, and DP x
-# interleaved PP) check it; the MMPO runs cover the rest.
-DPO_LAYOUTS = ("tp2", "pp2_vpp2_dp2")
 
 
 def layout_losses(name):
-    return ("mmpo", "dpo") if name in DPO_LAYOUTS else ("mmpo",)
+    return LAYOUTS[name][5]
 
 
 # Adam with eps far above every |gradient| is SGD with step lr / eps: each update is proportional
@@ -104,9 +101,8 @@ LAYOUT_STEPS = 2
 LOSS_VARIANTS = {
     "simpo": LossConfig(name="simpo"),  # no reference model at all
     "ipo": LossConfig(name="ipo"),
-    "mmpo_mean": LossConfig(name="mmpo", logp_reduction="mean", aux_weight=0.5),
+    "mmpo_mean_nll": LossConfig(name="mmpo", logp_reduction="mean", aux_weight=0.5, nll_weight=0.3),
     "mmpo_aux0": LossConfig(name="mmpo", aux_weight=0.0),  # pure marginal likelihood: the rejected side trains
-    "mmpo_nll": LossConfig(name="mmpo", aux_weight=0.5, nll_weight=0.3),
 }
 
 
@@ -141,10 +137,10 @@ def init_and_base(root):
 
 def layout_runs(root, world):
     out = {"variants": loss_variant_runs(root, 2)} if world == 2 else {}
-    for name, (size, tp, pp, vpp, settings) in LAYOUTS.items():
+    for name, (size, tp, pp, vpp, settings, losses) in LAYOUTS.items():
         if size != world:
             continue
-        for loss in layout_losses(name):
+        for loss in losses:
             cfg = make_config(Path(root) / f"{name}_{loss}", loss=loss, tp=tp, pp=pp, vpp=vpp, steps=LAYOUT_STEPS,
                               optim=LAYOUT_OPTIM, checkpoint=CheckpointConfig(load_weights=str(Path(root) / "init")))
             for (section, field), value in settings.items():
@@ -289,9 +285,9 @@ def reference_modes_and_scores(root):
     for tp, pp in ((2, 1), (1, 2)):
         for mode in REFERENCE_MODES:
             name = mode if (tp, pp) == (2, 1) else f"{mode}_pp2"
-            out[name] = train_records(make_config(root / name, tp=tp, pp=pp, steps=3, reference=ReferenceConfig(mode=mode),
-                                                  train=TrainerConfig(global_batch_size=8, micro_batch_size=2, max_steps=3,
-                                                                      eval_interval=3, output_dir=str(root / name))))
+            out[name] = train_records(make_config(root / name, tp=tp, pp=pp, steps=2, reference=ReferenceConfig(mode=mode),
+                                                  train=TrainerConfig(global_batch_size=8, micro_batch_size=2, max_steps=2,
+                                                                      eval_interval=2, output_dir=str(root / name))))
     # A reference that differs from the policy: one step at another learning rate.
     train_records(make_config(root / "other_ref", tp=2, steps=1, optim=OptimConfig(lr=3e-2, warmup_ratio=0.0)))
     for checkpoint, output in (("precompute", "scores_tp2.jsonl"), ("other_ref", "other_ref_tp2.jsonl")):

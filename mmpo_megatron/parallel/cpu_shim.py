@@ -159,21 +159,28 @@ def _names_cuda(device: Any) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
+_SPECIAL = frozenset({torch.Tensor.cuda, torch.Tensor.type, torch.Tensor.to})
+
+
 class CudaToCpuMode(TorchFunctionMode):
     """Maps ``device="cuda"``/int to CPU, makes ``Tensor.cuda()`` a no-op, and makes
     ``Tensor.type()`` report ``torch.cuda.*`` so megatron's dtype assertions accept CPU tensors."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            name = func(*args)
-            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
-        if func is torch.Tensor.to:
-            args = tuple("cpu" if i > 0 and _names_cuda(a) else a for i, a in enumerate(args))
-        if kwargs.get("device") is not None and _names_cuda(kwargs["device"]):
-            kwargs["device"] = "cpu"
+        # Every torch call of a CPU run passes here: the common case (no device argument) returns first.
+        if func in _SPECIAL:
+            if func is torch.Tensor.cuda:
+                return args[0]
+            if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+                name = func(*args)
+                return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+            if func is torch.Tensor.to:
+                args = tuple("cpu" if i > 0 and _names_cuda(a) else a for i, a in enumerate(args))
+        if not kwargs:
+            return func(*args)
+        device = kwargs.get("device")
+        if device is not None and _names_cuda(device):
+            kwargs = {**kwargs, "device": "cpu"}
         return func(*args, **kwargs)
 
 
