@@ -47,13 +47,17 @@ class _StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # In-place and out= results, and views, live in an input's storage: that memory existed
+        # before the op (possibly before the block: a gradient buffer written in place).
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
         for tensor in tree_flatten(out)[0]:
             if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
                 continue
             storage = tensor.untyped_storage()
             key = storage.data_ptr()
-            # Views and in-place results share a storage already counted; empty storages cost nothing.
-            if key == 0 or key in self._sizes:
+            # A storage already counted, or an input's; empty storages cost nothing.
+            if key == 0 or key in self._sizes or key in inputs:
                 continue
             self._sizes[key] = storage.nbytes()
             self.live += storage.nbytes()

@@ -68,13 +68,24 @@ def test_large_model_recipes_lay_out_on_their_clusters():
     cfg = composed("llama3_8b_mmpo")
     assert (cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel) == (4, 2)
     cfg.validate_for_world(16)  # 2 nodes x 8
-    assert cfg.parallel.uses_sequence_parallel and cfg.parallel.overlap_grad_reduce and cfg.model.recompute == "selective"
+    assert cfg.parallel.uses_sequence_parallel and cfg.parallel.overlap_grad_reduce and cfg.model.recompute == "none"
     cfg = composed("llama3_70b_mmpo")
     assert (cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.virtual_pipeline) == (8, 4, 2)
     cfg.validate_for_world(32)  # 4 nodes x 8
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == (80, 8192, 64)
-    assert cfg.parallel.uses_sequence_parallel and cfg.model.recompute == "selective"
+    assert cfg.parallel.uses_sequence_parallel and cfg.model.recompute == "none"
     assert cfg.data.max_prompt_length == 1800 and cfg.reference.mode == "precompute"
+
+
+def test_recipe_comments_state_the_planners_prediction():
+    from mmpo_megatron.model.memory_plan import Layout, Workload, estimate
+
+    for recipe, world in (("llama3_8b_mmpo", 16), ("llama3_70b_mmpo", 32)):
+        cfg = composed(recipe)
+        predicted = estimate(cfg.model, Layout.of(cfg, world), Workload.of(cfg)).gib()
+        stated = float(re.search(r"predicts (\d+\.\d) GiB a GPU", (CONFIGS / f"{recipe}.yaml").read_text()).group(1))
+        assert stated == round(predicted, 1), (recipe, predicted)
+        assert predicted < 0.9 * 80  # fits an 80 GB H100 with the planner's headroom
 
 
 def test_dockerfile_names_real_paths_and_ngc_conventions():

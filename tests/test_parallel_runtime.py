@@ -161,36 +161,42 @@ def rank_one_waits_forever_not():
     return dist.get_rank()
 
 
-def sp_and_recompute_in_effect(recompute):
+def sp_and_recompute_in_effect(modes):
     """Our builder at TP=2 with the defaults: what megatron actually runs (not only what was asked)."""
     from mmpo_megatron.config import ModelConfig, PrecisionConfig
     from mmpo_megatron.model.builder import build_model_chunks
 
     parallel = ParallelConfig(tensor_parallel=2, device="cpu")
     initialize_parallel(parallel)
-    model = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-                        recompute=recompute, recompute_num_layers=1, fused_logprob_chunk=4)
-    gpt = build_model_chunks(model, parallel, PrecisionConfig(), vocab_size=VOCAB, device="cpu")[0]
-    seen = {"layer_inputs": [], "core_attention_calls": 0}
-    gpt.decoder.layers[0].register_forward_pre_hook(lambda m, args, kwargs: seen["layer_inputs"].append(
-        tuple((args[0] if args else kwargs["hidden_states"]).shape)), with_kwargs=True)
-    gpt.decoder.layers[0].self_attention.core_attention.register_forward_pre_hook(
-        lambda *unused: seen.__setitem__("core_attention_calls", seen["core_attention_calls"] + 1))
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
-    hidden = gpt(ids, torch.arange(SEQ).expand(BATCH, -1), None)  # fused head: hidden states, gathered
-    hidden.float().pow(2).sum().backward()
-    norms = [p for n, p in gpt.named_parameters() if "layernorm" in n]
-    return {"sequence_parallel": gpt.config.sequence_parallel, "granularity": gpt.config.recompute_granularity,
-            "marked_norms": sum(getattr(p, "sequence_parallel", False) for p in norms), "norms": len(norms),
-            "output": tuple(hidden.shape), **seen}
+    out = {}
+    for recompute in modes:
+        model = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+                            recompute=recompute, recompute_num_layers=1, fused_logprob_chunk=4)
+        gpt = build_model_chunks(model, parallel, PrecisionConfig(), vocab_size=VOCAB, device="cpu")[0]
+        seen = {"layer_inputs": [], "core_attention_calls": 0}
+        gpt.decoder.layers[0].register_forward_pre_hook(lambda m, args, kwargs: seen["layer_inputs"].append(
+            tuple((args[0] if args else kwargs["hidden_states"]).shape)), with_kwargs=True)
+        gpt.decoder.layers[0].self_attention.core_attention.register_forward_pre_hook(
+            lambda *unused: seen.__setitem__("core_attention_calls", seen["core_attention_calls"] + 1))
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ))
+        hidden = gpt(ids, torch.arange(SEQ).expand(BATCH, -1), None)  # fused head: hidden states, gathered
+        hidden.float().pow(2).sum().backward()
+        norms = [p for n, p in gpt.named_parameters() if "layernorm" in n]
+        out[recompute] = {"sequence_parallel": gpt.config.sequence_parallel,
+                          "granularity": gpt.config.recompute_granularity,
+                          "marked_norms": sum(getattr(p, "sequence_parallel", False) for p in norms),
+                          "norms": len(norms), "output": tuple(hidden.shape), **seen}
+    return out
 
 
 def test_sequence_parallel_and_recompute_are_in_effect():
     """TP=2 turns sequence parallelism on by default: each rank's layers see half the sequence, the
     norms are marked for the TP gradient all-reduce, and the fused head gets whole sequences back.
     Full recompute runs each layer's forward again in the backward; selective only core attention."""
-    for recompute, layer_calls, attention_calls in (("none", 1, 1), ("full", 2, 2), ("selective", 1, 2)):
-        for rank in run_on_ranks(sp_and_recompute_in_effect, 2, recompute):
+    expected = (("none", 1, 1), ("full", 2, 2), ("selective", 1, 2))
+    ranks = run_on_ranks(sp_and_recompute_in_effect, 2, [mode for mode, _, _ in expected])
+    for recompute, layer_calls, attention_calls in expected:
+        for rank in (r[recompute] for r in ranks):
             assert rank["sequence_parallel"] is True and rank["granularity"] == (None if recompute == "none" else recompute)
             assert rank["marked_norms"] == rank["norms"] == 5  # 2 per layer and the final norm
             assert rank["layer_inputs"] == [(SEQ // 2, BATCH, 32)] * layer_calls, recompute
