@@ -22,8 +22,9 @@ demo: venv
 	$(BIN)/torchrun --nproc-per-node $(NPROC) examples/train_mmpo.py --config-name train_demo
 
 # Two pytest workers: many tests run one single-threaded rank, so one worker leaves a core idle.
-# loadgroup: the tests marked xdist_group("four_ranks") share one worker, and so one pool of four
-# rank processes (each pays ~8 s of imports), instead of one pool per worker.
+# loadgroup: the tests marked xdist_group("many_ranks") (four gloo ranks, or torchrun with three)
+# run one after another on one worker: one pool of four rank processes (each pays ~8 s of imports)
+# instead of one per worker, and never two of them at once on the two cores.
 TEST_WORKERS ?= 2
 
 test: venv

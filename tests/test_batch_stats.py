@@ -97,7 +97,7 @@ def reference_normalised(seed, groups):
     return shifts
 
 
-@pytest.mark.xdist_group("four_ranks")  # one pytest worker keeps the four-rank pool (see Makefile)
+@pytest.mark.xdist_group("many_ranks")  # one pytest worker: see Makefile
 def test_global_scope_is_independent_of_layout_and_dp_microbatch_matches_reference():
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     per_rank = run_on_ranks(layouts, 4, seed)

@@ -212,6 +212,7 @@ def entry_script(cases):
     return results
 
 
+@pytest.mark.xdist_group("many_ranks")  # one pytest worker: see Makefile
 def test_from_hf_nine_heads_trains_at_tp3_with_no_shape_keys(tmp_path):
     """SmolLM2's 9 heads / 3 KV heads: model=from_hf at TP=3 through torchrun, and data.max_length alone."""
     folder = write_hf_config(tmp_path / "nine_heads", NINE_HEADS)

@@ -165,7 +165,7 @@ def final_weights(root, names):
     return weights
 
 
-@pytest.mark.xdist_group("four_ranks")  # one pytest worker keeps the four-rank pool (see Makefile)
+@pytest.mark.xdist_group("many_ranks")  # one pytest worker: see Makefile
 def test_two_steps_match_single_process_at_every_layout(tmp_path):
     """Loss and metrics of both steps, and every weight after step 2 (resharded to TP=1), equal the
     TP=PP=DP=1 run's: with updates proportional to gradients (LAYOUT_OPTIM), equal weights mean
@@ -696,7 +696,7 @@ def test_default_pack_length_puts_a_micro_batch_in_one_row_only_where_flex_atten
 # The PP=2 case runs the fused head (completion tokens gathered out of packed rows); TP=2 x PP=2
 # packs under both; DP=2 packs each rank's own micro-batches.
 @pytest.mark.parametrize("world,tp,pp,spec,chunk", [(2, 2, 1, "local", 0), (2, 1, 2, "local_sdpa", 5),
-                                                    pytest.param(4, 2, 2, "local", 5, marks=pytest.mark.xdist_group("four_ranks")),
+                                                    pytest.param(4, 2, 2, "local", 5, marks=pytest.mark.xdist_group("many_ranks")),
                                                     (2, 1, 1, "local_sdpa", 0)])
 def test_packed_training_equals_padded_training(tmp_path, world, tp, pp, spec, chunk):
     runs = run_on_ranks(packed_and_padded, world, str(tmp_path), tp, pp, spec, chunk)[0]
