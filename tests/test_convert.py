@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmpo_megatron.parallel.testing import run_on_ranks
+from mmpo_megatron.parallel.testing import run_on_ranks, tool_main
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 300  # >= the embedded tokenizer's 263, so score_pairs can tokenise with it
@@ -240,30 +240,11 @@ def test_bad_inputs_fail_clearly_and_leave_no_output(hf_models, tmp_path):
     ]
     # Through the tool's own entry point (argument parser, exit code, stderr), on one pooled rank.
     argvs = [[*args, "--output", str(tmp_path / f"out{i}")] for i, (args, _) in enumerate(cases)]
-    results = run_on_ranks(convert_cli, 1, argvs)[0]
-    for i, ((code, stderr), (_, message)) in enumerate(zip(results, cases)):
+    results = run_on_ranks(tool_main, 1, str(REPO / "tools/convert_hf_to_megatron.py"), argvs)[0]
+    for i, ((code, _, stderr), (_, message)) in enumerate(zip(results, cases)):
         assert code == 2, stderr[-2000:]
         assert message in stderr, stderr[-2000:]
         assert not any(p.name.startswith(f"out{i}") for p in tmp_path.iterdir())
-
-
-def convert_cli(argvs):
-    """tools/convert_hf_to_megatron.py's main() on each argv: (exit code, what it printed to stderr)."""
-    import contextlib
-    import io
-    import os
-
-    os.environ["MMPO_NO_PROGRESS"] = "1"
-    sys.path.insert(0, str(REPO / "tools"))
-    import convert_hf_to_megatron
-
-    out = []
-    for argv in argvs:
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = convert_hf_to_megatron.main(argv)
-        out.append((code, err.getvalue()))
-    return out
 
 
 def sharded_export(root):

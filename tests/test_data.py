@@ -18,6 +18,7 @@ from mmpo_megatron.data.demo_data import SPLIT_SIZES, demo_data_file, generate
 from mmpo_megatron.data.formats import DataError
 from mmpo_megatron.data.pipeline import build_pairs, prepare_source
 from mmpo_megatron.data.tokenizer import build_byte_tokenizer
+from mmpo_megatron.parallel.testing import tool_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -342,7 +343,7 @@ def _packing_equivalence(seed):
 
 
 def test_packed_rows_give_the_same_sequence_logprobs_as_padded_rows():
-    from mmpo_megatron.parallel.testing import run_on_ranks
+    from mmpo_megatron.parallel.testing import run_on_ranks, tool_main
 
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     (result,) = run_on_ranks(_packing_equivalence, 1, seed)
@@ -389,31 +390,14 @@ def test_inspect_data_cli(tmp_path):
     assert data["pairs_in"] == 2 and data["pairs_kept"] == 1 and data["dropped"] == {"invalid_field": 1}
     assert data["errors"][0]["index"] == 1
     # The error paths through the tool's main() (one interpreter start-up is enough for the CLI itself).
-    sys.path.insert(0, str(REPO / "tools"))
-    import inspect_data
-
     # The trainer's data.* keys work as overrides: the bad row becomes fatal.
-    code, _, stderr = call_main(inspect_data.main, ["--data", path, "data.on_bad_row=error", "data.max_length=64",
-                                                    "data.max_prompt_length=32"])
-    assert code == 2 and "row 1" in stderr and "on_bad_row=error" in stderr, stderr[-1000:]
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json}\n")
-    code, _, stderr = call_main(inspect_data.main, ["--data", str(broken)])
-    assert code == 2 and "line 1 is not valid JSON" in stderr, stderr[-1000:]
-
-
-def call_main(main, argv):
-    """A tool's ``main(argv)`` as its ``sys.exit(main())`` line runs it: (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
+    (code, _, stderr), (code2, _, stderr2) = tool_main(str(REPO / "tools/inspect_data.py"), [
+        ["--data", path, "data.on_bad_row=error", "data.max_length=64", "data.max_prompt_length=32"],
+        ["--data", str(broken)]])
+    assert code == 2 and "row 1" in stderr and "on_bad_row=error" in stderr, stderr[-1000:]
+    assert code2 == 2 and "line 1 is not valid JSON" in stderr2, stderr2[-1000:]
 
 
 def test_tokenisation_is_cached_across_runs(tmp_path, tok):

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from mmpo_megatron.parallel.testing import run_on_ranks, tool_main
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 sys.path.insert(0, str(REPO / "examples"))
@@ -149,12 +151,13 @@ def test_sbatch_script_is_valid_bash_and_names_real_paths():
 
 
 def test_benchmark_runs_and_reports(tmp_path):
+    """Its main() on a pooled rank (the TRL comparison below runs it as a subprocess)."""
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, str(REPO / "tools/benchmark.py"), "--model", "tiny", "--device", "cpu",
-                           "--warmup", "1", "--steps", "2", "--pairs", "4", "--realistic", "--max-length", "64",
-                           "--packing", "--json", str(out)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "real tok/s" in done.stdout
+    code, stdout, stderr = run_on_ranks(tool_main, 1, str(REPO / "tools/benchmark.py"), [[
+        "--model", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "2", "--pairs", "4", "--realistic",
+        "--max-length", "64", "--packing", "--json", str(out)]])[0][0]
+    assert code == 0, stderr[-2000:]
+    assert "real tok/s" in stdout
     (result,) = json.loads(out.read_text())["results"]
     assert result["lengths"] == "realistic" and result["packing"] and result["real_tokens_per_s"] > 0
     assert result["pack_length"] == 128  # the trainer's default on CPU: one longest pair (2 x --max-length)
@@ -184,13 +187,13 @@ def test_benchmark_against_trl_on_the_same_data(tmp_path):
 
 def test_attention_benchmark_lays_the_same_pairs_out_packed_and_padded(tmp_path):
     out = tmp_path / "attn.json"
-    done = subprocess.run([sys.executable, str(REPO / "tools/attention_benchmark.py"), "--device", "cpu", "--pairs", "6",
-                           "--max-length", "1024", "--heads", "4", "--kv-heads", "2", "--head-dim", "8",
-                           "--warmup", "0", "--repeats", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    code, stdout, stderr = run_on_ranks(tool_main, 1, str(REPO / "tools/attention_benchmark.py"), [[
+        "--device", "cpu", "--pairs", "6", "--max-length", "1024", "--heads", "4", "--kv-heads", "2", "--head-dim", "8",
+        "--warmup", "0", "--repeats", "1", "--json", str(out)]])[0][0]
+    assert code == 0, stderr[-2000:]
     packed, padded = json.loads(out.read_text())["results"]
     assert packed["real_tokens"] == padded["real_tokens"] > 0
     assert packed["rows"] * packed["length"] >= packed["real_tokens"] and packed["length"] <= 2048  # 2 x --max-length on CPU
     assert padded["rows"] == 12  # chosen and rejected of each pair
     assert packed["padding_fraction"] < padded["padding_fraction"]
-    assert "packed (flex_attention)" in done.stdout and "padded (SDPA causal)" in done.stdout
+    assert "packed (flex_attention)" in stdout and "padded (SDPA causal)" in stdout
