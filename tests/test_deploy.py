@@ -72,7 +72,7 @@ def test_large_model_recipes_lay_out_on_their_clusters():
     cfg.validate_for_world(16)  # 2 nodes x 8
     assert cfg.parallel.uses_sequence_parallel and cfg.parallel.overlap_grad_reduce and cfg.model.recompute == "none"
     cfg = composed("llama3_70b_mmpo")
-    assert (cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.virtual_pipeline) == (8, 4, 2)
+    assert (cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.virtual_pipeline) == (8, 4, None)
     cfg.validate_for_world(32)  # 4 nodes x 8
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == (80, 8192, 64)
     assert cfg.parallel.uses_sequence_parallel and cfg.model.recompute == "none"

@@ -141,8 +141,8 @@ def rank_one_raises():
 def test_run_on_ranks_stops_a_deadlock_and_names_the_stuck_rank(monkeypatch):
     from mmpo_megatron.parallel import testing
 
-    with pytest.raises(testing.RanksTimedOut, match=r"rank_one_waits_forever: rank\(s\) \[0, 1\] still running after 8 s"):
-        run_on_ranks(rank_one_waits_forever, 2, timeout=8)
+    with pytest.raises(testing.RanksTimedOut, match=r"rank_one_waits_forever: rank\(s\) \[0, 1\] still running after 4 s"):
+        run_on_ranks(rank_one_waits_forever, 2, timeout=4)
     # A rank that raises fails the call with its traceback; the rank left in the barrier is stopped.
     monkeypatch.setattr(testing, "FAILURE_GRACE_S", 2.0)
     started = __import__("time").monotonic()

@@ -451,6 +451,10 @@ def test_config_errors_name_the_field_before_heavy_work():
         make_config("unused", pp=2, vpp=4).validate_for_world(2)
     with pytest.raises(ConfigError, match="world size 3 is not divisible"):
         make_config("unused", tp=2).validate_for_world(3)
+    # Interleaving with more micro-batches than stages (4 > 2 here) gave wrong log-probs: refused.
+    with pytest.raises(ConfigError, match="parallel.virtual_pipeline: interleaving with 4 micro-batches"):
+        make_config("unused", pp=2, vpp=2).validate_for_world(2)
+    make_config("unused", pp=2, vpp=2).validate_for_world(4)  # 2 micro-batches per DP rank: allowed
     sys.path.insert(0, str(REPO / "examples"))
     from omegaconf import OmegaConf
     from train_mmpo import resolve_config
