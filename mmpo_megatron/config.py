@@ -639,15 +639,6 @@ class TrainConfig:
             f"{self.train.micro_batch_size} x {dp}",
         )
         validate_layout(self.model, self.parallel)
-        microbatches = self.train.global_batch_size // unit
-        # Found by the layout tests on CPU: interleaved 1F1B with more micro-batches than pipeline
-        # stages gives different log-probs for the same pairs (policy != reference at step 1, by 0.06
-        # nats at PP=2 x VPP=2 with 4 micro-batches). Refused until understood: never silently wrong.
-        _require(self.parallel.virtual_pipeline is None or microbatches <= self.parallel.pipeline_parallel,
-                 "parallel.virtual_pipeline",
-                 f"interleaving with {microbatches} micro-batches per data-parallel rank (more than "
-                 f"pipeline_parallel={self.parallel.pipeline_parallel}) is refused for now: it gave wrong "
-                 "log-probs in tests; set parallel.virtual_pipeline=null")
 
 
 HYDRA_SCHEMA = "train_schema"
