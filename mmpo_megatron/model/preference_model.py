@@ -133,8 +133,7 @@ class MegatronPreferenceModel:
         if self.objective.needs_reference:
             if self.reference is None:
                 raise RuntimeError(f"loss {self.objective.config.name!r} needs a reference source: call set_reference")
-            with self.updated_weights():  # cpu_swap writes the reference into the parameters
-                self.reference.fill(self, micro_batches)
+            self.reference.fill(self, micro_batches)
 
     # ------------------------------------------------------------------------------- the step
     def loss_and_metrics(self, micro_batches: Sequence[MicroBatch], forward_only: bool = False) -> dict[str, float]:

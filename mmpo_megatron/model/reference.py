@@ -155,17 +155,23 @@ class CpuSwapReference(ReferenceSource):
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
 
+    @contextlib.contextmanager
+    def _reference_in(self, model: "MegatronPreferenceModel") -> Iterator[None]:
+        # The policy's last update is gathered before its weights are set aside (with
+        # overlap_param_gather the gather would otherwise land on the reference weights).
+        with model.updated_weights(), self.swapped_in(model.chunks):
+            yield
+
     def fill(self, model: "MegatronPreferenceModel", micro_batches: Sequence[MicroBatch]) -> None:
         """Run the policy's own chunks with the reference weights swapped in."""
-        with self.swapped_in(model.chunks):
+        with self._reference_in(model):
             scored = score_microbatches(model.chunks, micro_batches, model.head_and_mask)
         if model.last_stage:
             _set(micro_batches, scored)
 
     def score(self, model: "MegatronPreferenceModel", pairs) -> PairLogProbs | None:
         """Score a data set with the reference weights swapped in."""
-        # The policy's last update is gathered before its weights are set aside (overlap_param_gather).
-        with model.updated_weights(), self.swapped_in(model.chunks):
+        with self._reference_in(model):
             return model.score(pairs)
 
 
