@@ -613,11 +613,6 @@ class TrainConfig:
                 f"must be a multiple of 16 with precision.fp8={self.precision.fp8}, got {self.data.pad_to_multiple}",
             )
             check_fp8_layer_spec(self.model, self.precision)
-        # TE's causal attention ignores an attention mask: packed sequences would attend to each
-        # other. TE needs the packed rows as THD (cu_seqlens), which this trainer does not build yet.
-        _require(not (self.data.packing and self.model.layer_spec == "transformer_engine"), "data.packing",
-                 "is not supported on model.layer_spec=transformer_engine yet (TE's attention would ignore the "
-                 "packed rows' mask); use model.layer_spec=local_sdpa, or data.packing=false")
         _require(not self.parallel.overlap_param_gather or self.optim.distributed_optimizer,
                  "parallel.overlap_param_gather", "needs optim.distributed_optimizer=true (it overlaps that "
                  "optimizer's parameter all-gather)")

@@ -339,7 +339,7 @@ def _packing_equivalence(seed):
     n = len(pairs)
     expected = {(i, "chosen"): plain[i].item() for i in range(n)} | {(i, "rejected"): plain[n + i].item() for i in range(n)}
     return {"packed": by_sequence, "unpacked": expected, "report": packing_report(pairs, bins, row_length),
-            "bins": bins, "cu": [c.tolist() for c in packed.cu_seqlens]}
+            "bins": bins}
 
 
 def test_packed_rows_give_the_same_sequence_logprobs_as_padded_rows():
@@ -352,8 +352,31 @@ def test_packed_rows_give_the_same_sequence_logprobs_as_padded_rows():
         assert result["packed"][key] == pytest.approx(value, rel=1e-5, abs=1e-4), (key, seed)
     report = result["report"]
     assert report["rows"] == len(result["bins"]) < 7 and 0 < report["fill_ratio"] <= 1
-    for members, cu in zip(result["bins"], result["cu"]):
-        assert len(cu) == 2 * len(members) + 1  # chosen and rejected of each pair in the same row
+
+
+def test_thd_boundaries_cover_every_sequence_and_each_rows_padding_on_its_own():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    pairs = [{"prompt_ids": [5] * int(a), "chosen_ids": [6] * int(b), "rejected_ids": [7] * int(c)}
+             for a, b, c in torch.randint(1, 9, (6, 3), generator=g)]
+    row_length = 40
+    bins = pack_pairs(pairs, row_length)
+    # Pipeline stages pad every micro-batch to one shape: an empty row and 8 columns more.
+    packed = collate_packed(pairs, bins, row_length, pad_id=0).padded_to(len(bins) + 1, row_length + 8)
+    length = row_length + 8
+    expected = []
+    for r, members in enumerate(bins + [[]]):
+        offset = r * length
+        expected.append(offset)
+        for pos in members:
+            for side in ("chosen", "rejected"):  # each row is prompt + completion minus one token
+                offset += len(pairs[pos]["prompt_ids"]) + len(pairs[pos][f"{side}_ids"]) - 1
+                expected.append(offset)
+        if offset == (r + 1) * length:  # a full row has no padding sequence
+            expected.pop()
+    expected.append(packed.input_ids.numel())
+    cu_seqlens, longest = packed.thd_cu_seqlens()
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == expected
+    assert longest == max(b - a for a, b in zip(expected, expected[1:]))
 
 
 def test_pack_rejects_pairs_longer_than_a_row():

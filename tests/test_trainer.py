@@ -467,8 +467,6 @@ def test_config_errors_name_the_field_before_heavy_work():
         resolve_config(OmegaConf.create({**fp8, "model": {"layer_spec": "local_sdpa"}}))
     with pytest.raises(ConfigError, match="precision.fp8_recipe: must be delayed, tensorwise or blockwise"):
         resolve_config(OmegaConf.create({**fp8, "precision": {"fp8": "e4m3", "fp8_recipe": "mxfp4"}}))
-    with pytest.raises(ConfigError, match="data.packing: is not supported on model.layer_spec=transformer_engine"):
-        resolve_config(OmegaConf.create({"data": {"packing": True}, "model": {"layer_spec": "transformer_engine"}}))
     with pytest.raises(ConfigError, match="parallel.overlap_param_gather: needs optim.distributed_optimizer=true"):
         resolve_config(OmegaConf.create({"parallel": {"overlap_param_gather": True},
                                          "optim": {"distributed_optimizer": False}}))
@@ -585,6 +583,21 @@ def test_gpu_transformer_engine_spec_and_fp8(tmp_path):
         assert len(train) == 3 and all(math.isfinite(r["loss"]) for r in train)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.skipif(_transformer_engine_missing() is not None, reason=str(_transformer_engine_missing()))
+def test_gpu_transformer_engine_packs_as_thd(tmp_path):
+    """Packed rows on TE go in as THD (cu_seqlens): two steps equal the padded run within bf16
+    tolerance, and the first packed step's packed-vs-padded guard passes."""
+    runs = {}
+    for packing in (False, True):
+        cfg = smoke_config(tmp_path / f"te_{packing}", "cuda", "transformer_engine", packing=packing, steps=2)
+        runs[packing] = [r for r in run_on_ranks(train_records, 1, cfg, fresh=True)[0] if r["split"] == "train"]
+    assert runs[True][0]["padding_fraction"] < runs[False][0]["padding_fraction"]
+    for padded, packed in zip(runs[False], runs[True]):
+        for key in ("loss", "logps/chosen", "logps/rejected", "grad_norm"):
+            assert packed[key] == pytest.approx(padded[key], rel=BF16_REL, abs=1e-3), (padded["step"], key)
+
+
 # ------------------------------------------------------------------------------------------ optimizer
 
 
@@ -642,11 +655,17 @@ def test_fused_chunked_output_layer_and_bf16_train_like_full_fp32_logits(tmp_pat
 
 
 def packed_and_padded(root, tp, pp, spec, chunk):
+    """Records of the same run padded and packed; spec ``thd`` is local_sdpa fed packed rows as
+    THD (cu_seqlens), the form transformer_engine gets: megatron's THD path without TE."""
+    from mmpo_megatron.model import schedule
+
+    if spec == "thd":
+        schedule.packed_attention_kind = lambda model: "thd"
     out = {}
     for packing in (False, True):
         cfg = make_config(Path(root) / f"pack{int(packing)}_tp{tp}_pp{pp}_{spec}", tp=tp, pp=pp, steps=2)
         cfg.data.packing = packing
-        cfg.model.layer_spec = spec
+        cfg.model.layer_spec = "local_sdpa" if spec == "thd" else spec
         cfg.model.fused_logprob_chunk = chunk
         cfg.train.eval_interval = 2
         out[packing] = train_records(cfg)
@@ -683,7 +702,7 @@ def test_the_first_packed_step_stops_a_mask_the_attention_ignores(tmp_path):
     assert error is None and [r["split"] for r in records].count("train") == 1
 
 
-def test_default_pack_length_puts_a_micro_batch_in_one_row_only_where_flex_attention_trains():
+def test_default_pack_length_puts_a_micro_batch_in_one_row_only_where_packed_attention_skips_padding():
     from mmpo_megatron.model.builder import default_pack_length
 
     assert default_pack_length(ModelConfig(layer_spec="local_sdpa"), 1024, 4, "cuda") == 4 * 2048
@@ -692,12 +711,15 @@ def test_default_pack_length_puts_a_micro_batch_in_one_row_only_where_flex_atten
     # Dense masks cost length^2: rows of one longest pair (CPU training has no flex backward).
     assert default_pack_length(ModelConfig(layer_spec="local_sdpa"), 1024, 8, "cpu") == 2048
     assert default_pack_length(ModelConfig(layer_spec="local"), 1024, 8, "cuda") == 2048
+    # TE reads the rows as THD: its attention too follows the real tokens.
+    assert default_pack_length(ModelConfig(layer_spec="transformer_engine"), 1024, 4, "cuda") == 4 * 2048
 
 
 # The PP=2 case runs the fused head (completion tokens gathered out of packed rows); TP=2 x PP=2
-# packs under both; DP=2 packs each rank's own micro-batches.
+# packs as THD under both (sequence-parallel pipeline shapes of [1, rows x length]); DP=2 packs
+# each rank's own micro-batches.
 @pytest.mark.parametrize("world,tp,pp,spec,chunk", [(2, 2, 1, "local", 0), (2, 1, 2, "local_sdpa", 5),
-                                                    pytest.param(4, 2, 2, "local", 5, marks=pytest.mark.xdist_group("many_ranks")),
+                                                    pytest.param(4, 2, 2, "thd", 5, marks=pytest.mark.xdist_group("many_ranks")),
                                                     (2, 1, 1, "local_sdpa", 0)])
 def test_packed_training_equals_padded_training(tmp_path, world, tp, pp, spec, chunk):
     runs = run_on_ranks(packed_and_padded, world, str(tmp_path), tp, pp, spec, chunk)[0]

@@ -1,6 +1,7 @@
 """Packing pairs into rows of up to ``pack_length`` tokens (chosen and rejected of a pair in one
-row): first-fit-decreasing bins, per-sequence positions and segment ids, ``cu_seqlens`` for
-THD attention, the block-diagonal causal mask, and per-sequence sums of token values."""
+row): first-fit-decreasing bins, per-sequence positions and segment ids, ``cu_seqlens`` of the
+rows laid end to end for THD attention, the block-diagonal causal mask, and per-sequence sums of
+token values."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ class PackedBatch:
     sequence_ids: Tensor  # [R, row_length]: index into ``sequences``, -1 for padding
     sequence_pair: Tensor  # [S]: the pair position of each sequence
     sequence_is_chosen: Tensor  # [S] bool
-    cu_seqlens: list[Tensor]  # per row, [num_sequences + 1] boundaries (THD attention)
     sequences: list[tuple[int, int, str]]  # per sequence in row order: (row, pair position, "chosen"/"rejected")
 
     def padded_to(self, rows: int, length: int) -> "PackedBatch":
@@ -35,13 +35,24 @@ class PackedBatch:
         pad = lambda t, v: torch.nn.functional.pad(t, (0, extra_cols, 0, extra_rows), value=v)  # noqa: E731
         return PackedBatch(pad(self.input_ids, 0), pad(self.labels, 0), pad(self.loss_mask, False),
                            pad(self.position_ids, 0), pad(self.segment_ids, -1), pad(self.sequence_ids, -1),
-                           self.sequence_pair, self.sequence_is_chosen, self.cu_seqlens, self.sequences)
+                           self.sequence_pair, self.sequence_is_chosen, self.sequences)
 
     def to(self, device: torch.device | str) -> "PackedBatch":
-        """A copy on ``device`` (cu_seqlens and the sequence list stay where they are)."""
+        """A copy on ``device`` (the sequence list stays as it is)."""
         tensors = [t.to(device) for t in (self.input_ids, self.labels, self.loss_mask, self.position_ids,
                                           self.segment_ids, self.sequence_ids, self.sequence_pair, self.sequence_is_chosen)]
-        return PackedBatch(*tensors, self.cu_seqlens, self.sequences)
+        return PackedBatch(*tensors, self.sequences)
+
+    def thd_cu_seqlens(self) -> tuple[Tensor, int]:
+        """int32 boundaries of every sequence with the rows laid end to end ([1, R * L] tokens, THD
+        attention), and the longest sequence. A row's padding tail, or an empty row, is a sequence
+        of its own: THD attention then covers every token and no real token attends to padding."""
+        segments = self.segment_ids
+        starts = torch.ones_like(segments, dtype=torch.bool)  # column 0: every row starts a sequence
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        bounds = torch.nonzero(starts.reshape(-1)).reshape(-1)
+        cu_seqlens = torch.cat([bounds, bounds.new_tensor([segments.numel()])]).to(torch.int32)
+        return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
 def pack_pairs(pairs: Sequence[Pair], row_length: int) -> list[list[int]]:
@@ -67,7 +78,7 @@ def pack_pairs(pairs: Sequence[Pair], row_length: int) -> list[list[int]]:
 
 
 def collate_packed(pairs: Sequence[Pair], bins: Sequence[Sequence[int]], row_length: int, pad_id: int) -> PackedBatch:
-    """Rows of packed sequences with per-sequence positions, segment ids and cu_seqlens."""
+    """Rows of packed sequences with per-sequence positions and segment ids."""
     n = len(bins)
     input_ids = torch.full((n, row_length), pad_id, dtype=torch.long)
     labels = torch.zeros((n, row_length), dtype=torch.long)
@@ -75,9 +86,9 @@ def collate_packed(pairs: Sequence[Pair], bins: Sequence[Sequence[int]], row_len
     position_ids = torch.zeros((n, row_length), dtype=torch.long)
     segment_ids = torch.full((n, row_length), -1, dtype=torch.long)
     sequence_ids = torch.full((n, row_length), -1, dtype=torch.long)
-    cu_seqlens, sequences = [], []
+    sequences = []
     for r, members in enumerate(bins):
-        offset, bounds, seg = 0, [0], 0
+        offset, seg = 0, 0
         for pos in members:
             for side in ("chosen", "rejected"):
                 inputs, targets, mask = shifted_row(pairs[pos]["prompt_ids"], pairs[pos][f"{side}_ids"])
@@ -90,13 +101,11 @@ def collate_packed(pairs: Sequence[Pair], bins: Sequence[Sequence[int]], row_len
                 sequence_ids[r, offset:end] = len(sequences)
                 sequences.append((r, pos, side))
                 offset, seg = end, seg + 1
-                bounds.append(offset)
-        cu_seqlens.append(torch.tensor(bounds, dtype=torch.int32))
     return PackedBatch(
         input_ids, labels, loss_mask, position_ids, segment_ids, sequence_ids,
         torch.tensor([pos for _, pos, _ in sequences], dtype=torch.long),
         torch.tensor([side == "chosen" for _, _, side in sequences]),
-        cu_seqlens, sequences,
+        sequences,
     )
 
 

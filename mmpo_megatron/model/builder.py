@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mmpo_megatron.data.packing import PackedBatch
+
 from mmpo_megatron.config import (  # noqa: F401  (padded_vocab_size, validate_layout: re-exported)
     ConfigError,
     ModelConfig,
@@ -236,22 +238,25 @@ def output_weight(chunk: torch.nn.Module) -> torch.Tensor:
 
 
 def packed_attention_kind(model: ModelConfig) -> str:
-    """How packed rows are masked on this layer spec: a flex_attention block mask where our SDPA
-    module runs (local_sdpa), else a dense block-diagonal mask."""
+    """How packed rows are masked on this layer spec: THD (the rows laid end to end, bounded by
+    ``cu_seqlens``) for Transformer Engine, whose causal attention ignores a mask; a flex_attention
+    block mask where our SDPA module runs (local_sdpa); else a dense block-diagonal mask."""
+    if model.layer_spec == "transformer_engine":
+        return "thd"
     return "flex" if model.layer_spec == "local_sdpa" else "dense"
 
 
 def default_pack_length(model: ModelConfig, max_length: int, micro_batch_size: int, device: str) -> int:
     """Packed row length when ``data.pack_length`` is unset.
 
-    Where flex_attention trains (local_sdpa on GPU) attention cost follows the real tokens, so a
-    whole micro-batch goes in one row and nothing is padding (UltraFeedback-like lengths: 0.1%,
-    against 16% with rows of one longest pair), up to 16k tokens a row: building the block mask
-    evaluates length^2 booleans. A dense mask costs rows x length^2 in attention too, so elsewhere
-    a row holds one longest pair (2 x max_length).
+    Where packed attention costs follow the real tokens (compiled flex_attention on local_sdpa,
+    TE's THD kernels; both GPU) a whole micro-batch goes in one row and nothing is padding
+    (UltraFeedback-like lengths: 0.1%, against 16% with rows of one longest pair), up to 16k tokens
+    a row: building the block mask evaluates length^2 booleans. A dense mask costs rows x length^2
+    in attention too, so elsewhere a row holds one longest pair (2 x max_length).
     """
     one_pair = 2 * max_length
-    if model.layer_spec == "local_sdpa" and device == "cuda":
+    if packed_attention_kind(model) in ("flex", "thd") and device == "cuda":
         return max(one_pair, min(micro_batch_size * one_pair, 16384))
     return one_pair
 
@@ -267,6 +272,15 @@ def packed_attention_mask(kind: str, segment_ids: torch.Tensor):
 
         return packed_block_mask(segment_ids)
     return packed_causal_mask(segment_ids)
+
+
+def thd_packed_seq_params(packed: PackedBatch):
+    """megatron's PackedSeqParams for ``packed``'s rows laid end to end as one THD sequence."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu_seqlens, longest = packed.thd_cu_seqlens()
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:

@@ -21,7 +21,8 @@ from mmpo_megatron.data.collate import PairBatch
 from mmpo_megatron.data.packing import PackedBatch, packed_sequence_sums
 from mmpo_megatron.logprobs import output_layer_logprobs, token_logprobs
 from mmpo_megatron.config import ModelConfig
-from mmpo_megatron.model.builder import output_weight, packed_attention_kind, packed_attention_mask, unwrap
+from mmpo_megatron.model.builder import (output_weight, packed_attention_kind, packed_attention_mask,
+                                         thd_packed_seq_params, unwrap)
 from mmpo_megatron.model.objective import Objective
 from mmpo_megatron.pair_logprobs import PairLogProbs
 from mmpo_megatron.parallel.batch_stats import MAX_PREFIX
@@ -33,7 +34,8 @@ class HeadAndMask:
 
     ``fused_chunk`` > 0: the output layer is applied inside the log-probs, that many tokens at a
     time (the chunks' output layer passes hidden states through); 0: the chunks output logits.
-    ``packed_attention``: ``flex`` (a flex_attention block mask, local_sdpa) or ``dense``.
+    ``packed_attention``: ``thd`` (rows laid end to end with cu_seqlens, transformer_engine),
+    ``flex`` (a flex_attention block mask, local_sdpa) or ``dense``.
     """
 
     fused_chunk: int = 0
@@ -63,11 +65,18 @@ class MicroBatch:
 
 
 def _forward(model: torch.nn.Module, micro: MicroBatch, packed_attention: str) -> Tensor:
-    if micro.packed is not None:
-        packed = micro.packed
+    if micro.packed is None:
+        # attention_mask=None: causal attention; right padding never leaks into real tokens.
+        return model(micro.batch.input_ids, micro.batch.position_ids, None)
+    packed = micro.packed
+    if packed_attention != "thd":
         return model(packed.input_ids, packed.position_ids, packed_attention_mask(packed_attention, packed.segment_ids))
-    # attention_mask=None: causal attention; right padding never leaks into real tokens.
-    return model(micro.batch.input_ids, micro.batch.position_ids, None)
+    rows, length = packed.input_ids.shape
+    output = model(packed.input_ids.reshape(1, -1), packed.position_ids.reshape(1, -1), None,
+                   packed_seq_params=thd_packed_seq_params(packed))
+    # The last stage's [1, rows * length, ...] is per token: back to rows for the log-probs. Other
+    # stages return the activation the pipeline sends on, in its own shape.
+    return output.reshape(rows, length, -1) if unwrap(model).post_process else output
 
 
 def pair_logps(output: Tensor, micro: MicroBatch, head: tuple[Tensor, int] | None = None) -> PairLogProbs:
@@ -150,6 +159,8 @@ def _run_schedule(
         else:
             micro_batches = [replace(m, batch=m.batch.padded_to(longest)) for m in micro_batches]
 
+    thd = packed and head_and_mask.packed_attention == "thd"  # one [1, rows * length] sequence per micro-batch
+
     def forward_step(data_iterator, model):
         micro = next(data_iterator)
         # Only a last-stage chunk holds the output layer (and, fused, applies it in the log-probs).
@@ -164,8 +175,8 @@ def _run_schedule(
         data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
         model=list(model_chunks) if len(model_chunks) > 1 else model_chunks[0],
         num_microbatches=len(micro_batches),
-        seq_length=longest,
-        micro_batch_size=num_rows,
+        seq_length=num_rows * longest if thd else longest,
+        micro_batch_size=1 if thd else num_rows,
         forward_only=forward_only,
     )
 

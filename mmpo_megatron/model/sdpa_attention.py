@@ -4,6 +4,10 @@ The local spec's DotProductAttention runs baddbmm + an fp32 softmax + bmm and ex
 repeat_interleave; on an H100 without Transformer Engine that made a 1.5B DPO step 1.44x slower
 (the GPU baseline: a 1.5B Llama on one H100 without TE). This subclass keeps its constructor (and so its config checks) and
 replaces only the arithmetic.
+
+It also reads packed rows in THD form (``PackedSeqParams`` with ``cu_seqlens``, the form
+Transformer Engine's attention takes), so that path of megatron's attention (squeezed batch,
+per-sequence RoPE, pipeline shapes) runs, and is tested, without TE.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from mmpo_megatron.data.packing import packed_causal_mask
+
 _compiled_flex = None
+_thd_mask_cache: tuple = ()  # (cu_seqlens, grad enabled, mask): every layer of a forward shares one mask
 
 
 def _flex(device_type: str):
@@ -40,13 +47,34 @@ def packed_block_mask(segment_ids: torch.Tensor) -> BlockMask:
     return create_block_mask(same_sequence_causal, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=segment_ids.device)
 
 
+def thd_attention_mask(cu_seqlens: torch.Tensor, tokens: int):
+    """The packed mask of THD sequences bounded by ``cu_seqlens``: a flex block mask where flex can
+    run (GPU, or no backward needed), else a dense one; built once per forward, not per layer."""
+    global _thd_mask_cache
+    grad = torch.is_grad_enabled()
+    if _thd_mask_cache and _thd_mask_cache[0] is cu_seqlens and _thd_mask_cache[1] == grad:
+        return _thd_mask_cache[2]
+    positions = torch.arange(tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    segment_ids = torch.searchsorted(cu_seqlens[1:], positions, right=True).unsqueeze(0)  # [1, T]
+    flex_ok = segment_ids.is_cuda or not grad  # FlexAttention has no CPU backward
+    mask = packed_block_mask(segment_ids) if flex_ok else packed_causal_mask(segment_ids)
+    _thd_mask_cache = (cu_seqlens, grad, mask)
+    return mask
+
+
 class SDPAttention(DotProductAttention):
     """DotProductAttention's interface; the math is ``F.scaled_dot_product_attention``."""
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
-        """[s, b, heads, d] query, [s, b, groups, d] key/value -> [s, b, heads * d]."""
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPAttention supports neither packed sequences nor attention bias; use TE")
+        """[s, b, heads, d] query, [s, b, groups, d] key/value -> [s, b, heads * d]; THD packed
+        sequences come as [t, heads, d] and leave as [t, 1, heads * d]."""
+        if attention_bias is not None:
+            raise NotImplementedError("SDPAttention does not support an attention bias; use TE")
+        if packed_seq_params is not None:
+            if packed_seq_params.qkv_format != "thd":
+                raise NotImplementedError(f"SDPAttention reads packed sequences as thd, got {packed_seq_params.qkv_format!r}")
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            attention_mask = thd_attention_mask(packed_seq_params.cu_seqlens_q, query.size(0))
         seq, batch = query.size(0), query.size(1)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
         gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
