@@ -23,8 +23,8 @@ demo: venv
 
 # Two pytest workers: many tests run one single-threaded rank, so one worker leaves a core idle.
 # loadgroup: the tests marked xdist_group("many_ranks") (four gloo ranks, or torchrun with three)
-# run one after another on one worker: one pool of four rank processes (each pays ~8 s of imports)
-# instead of one per worker, and never two of them at once on the two cores.
+# run one after another on one worker: only that worker's rank pool grows to four processes (each
+# pays ~8 s of imports), and never two of them run at once on the two cores.
 TEST_WORKERS ?= 2
 
 test: venv

@@ -114,7 +114,8 @@ def test_a_world_of_one_leaves_no_torchrun_variables_behind(monkeypatch):
 
 
 # The run_on_ranks checks below need ranks and a process group, not megatron: plain gloo keeps the
-# pools they stop and replace from importing it (a few seconds a process on the CI machine).
+# pool they stop and replace from importing it (a few seconds a process on the CI machine). They
+# run on a pool of their own: the shared one, with megatron imported, stays up for other tests.
 def rank_one_waits_forever():
     import time
 
@@ -141,6 +142,15 @@ def rank_one_raises():
 def test_run_on_ranks_stops_a_deadlock_and_names_the_stuck_rank(monkeypatch):
     from mmpo_megatron.parallel import testing
 
+    monkeypatch.setattr(testing, "_POOL", None)  # the shared pool comes back at teardown
+    try:
+        _deadlock_and_failure_checks(monkeypatch, testing)
+    finally:
+        if testing._POOL is not None:
+            testing._POOL.close()
+
+
+def _deadlock_and_failure_checks(monkeypatch, testing):
     with pytest.raises(testing.RanksTimedOut, match=r"rank_one_waits_forever: rank\(s\) \[0, 1\] still running after 4 s"):
         run_on_ranks(rank_one_waits_forever, 2, timeout=4)
     # A rank that raises fails the call with its traceback; the rank left in the barrier is stopped.

@@ -591,6 +591,10 @@ def test_gpu_transformer_engine_packs_as_thd(tmp_path):
     runs = {}
     for packing in (False, True):
         cfg = smoke_config(tmp_path / f"te_{packing}", "cuda", "transformer_engine", packing=packing, steps=2)
+        # Head dim 64: inside every fused THD backend of TE (flash, cuDNN), not a fallback's corner.
+        cfg.model = ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=4, num_query_groups=2,
+                                ffn_hidden_size=512, max_position_embeddings=64, make_vocab_size_divisible_by=16,
+                                layer_spec="transformer_engine", fused_logprob_chunk=1024)
         runs[packing] = [r for r in run_on_ranks(train_records, 1, cfg, fresh=True)[0] if r["split"] == "train"]
     assert runs[True][0]["padding_fraction"] < runs[False][0]["padding_fraction"]
     for padded, packed in zip(runs[False], runs[True]):
@@ -659,16 +663,20 @@ def packed_and_padded(root, tp, pp, spec, chunk):
     THD (cu_seqlens), the form transformer_engine gets: megatron's THD path without TE."""
     from mmpo_megatron.model import schedule
 
+    real = schedule.packed_attention_kind
     if spec == "thd":
         schedule.packed_attention_kind = lambda model: "thd"
     out = {}
-    for packing in (False, True):
-        cfg = make_config(Path(root) / f"pack{int(packing)}_tp{tp}_pp{pp}_{spec}", tp=tp, pp=pp, steps=2)
-        cfg.data.packing = packing
-        cfg.model.layer_spec = "local_sdpa" if spec == "thd" else spec
-        cfg.model.fused_logprob_chunk = chunk
-        cfg.train.eval_interval = 2
-        out[packing] = train_records(cfg)
+    try:
+        for packing in (False, True):
+            cfg = make_config(Path(root) / f"pack{int(packing)}_tp{tp}_pp{pp}_{spec}", tp=tp, pp=pp, steps=2)
+            cfg.data.packing = packing
+            cfg.model.layer_spec = "local_sdpa" if spec == "thd" else spec
+            cfg.model.fused_logprob_chunk = chunk
+            cfg.train.eval_interval = 2
+            out[packing] = train_records(cfg)
+    finally:
+        schedule.packed_attention_kind = real  # the rank process is pooled: later tasks get the real one
     return out
 
 

@@ -1,9 +1,10 @@
 """Run a function on N local gloo processes and collect what each rank returns (for tests).
 
 Start-up (interpreter, torch and megatron imports: ~4-5 s a process, ~10 s for four on two cores)
-dominated the suite, so the processes are pooled: one pool per world size, started on first use,
-kept for the session, each task a function the ranks run together. After each task every
-process group is destroyed; the next task creates its own on a fresh port, at any layout.
+dominated the suite, so the processes are pooled: one pool per test process, grown to the largest
+world size asked for and kept for the session; a task on N ranks runs on the pool's first N
+processes (the rest wait). After each task every process group is destroyed; the next task
+creates its own on a fresh port, at any layout and world size.
 
 A task that deadlocks would otherwise wait for gloo's own timeout (30 minutes): after ``timeout``
 seconds the ranks still running print their Python stacks, are stopped and named
@@ -48,6 +49,9 @@ class RankFailed(RuntimeError):
 
 def _set_rank_env(rank: int, world_size: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+
+
+def _prepare_rank_process() -> None:
     # Children re-import megatron, which warns about missing TE/Apex once per process and module.
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::DeprecationWarning,ignore::FutureWarning")
     # On a time-out the parent sends SIGUSR1: every thread's stack goes to stderr, to show where it hangs.
@@ -56,7 +60,10 @@ def _set_rank_env(rank: int, world_size: int) -> None:
     torch.set_num_threads(1)
 
 
-def _run_task(rank: int, fn: Callable[..., Any], args: tuple, kwargs: dict, port: int, out_dir: str) -> tuple[bool, str]:
+def _run_task(rank: int, fn: Callable[..., Any], args: tuple, kwargs: dict, port: int,
+              out_dir: str) -> tuple[bool, str, float]:
+    """(ok, result file or traceback, when it raised): the first rank to raise is the cause; the
+    ranks its exit left in a collective raise later, though their reports may arrive first."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -65,18 +72,22 @@ def _run_task(rank: int, fn: Callable[..., Any], args: tuple, kwargs: dict, port
         result = fn(*args, **kwargs)
         path = Path(out_dir) / f"rank{rank}.pt"
         torch.save(result, path)
-        return True, str(path)
+        return True, str(path), 0.0
     except BaseException:  # noqa: BLE001  (reported to the parent, which raises it)
-        return False, traceback.format_exc()
+        return False, traceback.format_exc(), time.time()
     finally:
         # Every group goes, the default one too: megatron drops its groups without destroying them,
         # and gloo groups left alive keep polling threads (17 per TP=2 task) that add up to a core.
         destroy_parallel(destroy_process_group=True)
         gc.collect()  # the task's models, DDP buckets and optimizer hold groups in reference cycles
+        # What survives (imports, caches) is kept for good: later full collections, one per
+        # finished run in destroy_parallel, then walk only what later tasks allocate (~0.4 s each
+        # otherwise, over megatron's, transformers' and datasets' module objects).
+        gc.freeze()
 
 
-def _pool_worker(rank: int, world_size: int, tasks, results, parent: int) -> None:
-    _set_rank_env(rank, world_size)
+def _pool_worker(rank: int, tasks, results, parent: int) -> None:
+    _prepare_rank_process()
     while True:
         try:
             task = tasks.get(timeout=5.0)
@@ -86,57 +97,64 @@ def _pool_worker(rank: int, world_size: int, tasks, results, parent: int) -> Non
             continue
         if task is None:
             return
-        fn, args, kwargs, port, out_dir = task
-        ok, payload = _run_task(rank, fn, args, kwargs, port, out_dir)
-        results.put((rank, ok, payload))
+        fn, args, kwargs, port, out_dir, world_size = task
+        _set_rank_env(rank, world_size)
+        results.put((rank, *_run_task(rank, fn, args, kwargs, port, out_dir)))
 
 
 class RankPool:
-    """``world_size`` spawned processes that run tasks together (see the module docstring)."""
+    """Spawned processes that run tasks together, on as many of them as a task asks for (see the
+    module docstring)."""
 
-    def __init__(self, world_size: int) -> None:
-        ctx = mp.get_context("spawn")
-        self.world_size = world_size
+    def __init__(self) -> None:
+        self._ctx = mp.get_context("spawn")
         self._first_failure_at = 0.0
-        self.tasks = [ctx.Queue() for _ in range(world_size)]
-        self.results = ctx.Queue()
-        # Not daemonic: megatron's checkpoint writer starts processes of its own.
-        self.processes = [ctx.Process(target=_pool_worker, args=(rank, world_size, self.tasks[rank], self.results, os.getpid()),
-                                      name=f"mmpo-rank{rank}") for rank in range(world_size)]
-        for process in self.processes:
-            process.start()
+        self.tasks: list = []
+        self.results = self._ctx.Queue()
+        self.processes: list = []
 
-    def run(self, fn: Callable[..., Any], args: tuple, kwargs: dict, timeout: float) -> list[Any]:
-        """Every rank runs ``fn(*args, **kwargs)``; results by rank."""
+    def grow(self, world_size: int) -> None:
+        """Start processes until there are ``world_size``."""
+        for rank in range(len(self.processes), world_size):
+            self.tasks.append(self._ctx.Queue())
+            # Not daemonic: megatron's checkpoint writer starts processes of its own.
+            process = self._ctx.Process(target=_pool_worker, args=(rank, self.tasks[rank], self.results, os.getpid()),
+                                        name=f"mmpo-rank{rank}")
+            process.start()
+            self.processes.append(process)
+
+    def run(self, fn: Callable[..., Any], world_size: int, args: tuple, kwargs: dict, timeout: float) -> list[Any]:
+        """Ranks 0..world_size-1 run ``fn(*args, **kwargs)``; results by rank."""
+        self.grow(world_size)
         with tempfile.TemporaryDirectory(prefix="mmpo-ranks-") as out_dir:
             port = free_port()
-            for task_queue in self.tasks:
-                task_queue.put((fn, args, kwargs, port, out_dir))
-            done: dict[int, tuple[bool, str]] = {}  # in the order the ranks reported
+            for task_queue in self.tasks[:world_size]:
+                task_queue.put((fn, args, kwargs, port, out_dir, world_size))
+            done: dict[int, tuple[bool, str, float]] = {}  # rank -> _run_task's report
             deadline = time.monotonic() + timeout
-            while len(done) < self.world_size:
-                failed = [r for r, (ok, _) in done.items() if not ok]
+            while len(done) < world_size:
+                failed = [r for r, (ok, _, _) in done.items() if not ok]
                 wait_until = min(deadline, self._first_failure_at + FAILURE_GRACE_S) if failed else deadline
                 try:
-                    rank, ok, payload = self.results.get(timeout=max(0.05, min(1.0, wait_until - time.monotonic())))
+                    rank, ok, payload, raised_at = self.results.get(timeout=max(0.05, min(1.0, wait_until - time.monotonic())))
                 except queue.Empty:
                     if any(not p.is_alive() for p in self.processes):
-                        self._raise_stopped(fn, done, "a rank process died")
+                        self._raise_stopped(fn, world_size, done, "a rank process died")
                     if time.monotonic() >= wait_until:
-                        self._raise_stopped(fn, done, None if failed else f"still running after {timeout:.0f} s")
+                        self._raise_stopped(fn, world_size, done, None if failed else f"still running after {timeout:.0f} s")
                     continue
-                if not ok and not any(not o for o, _ in done.values()):
+                if not ok and not failed:
                     self._first_failure_at = time.monotonic()
-                done[rank] = (ok, payload)
-            if any(not ok for ok, _ in done.values()):
+                done[rank] = (ok, payload, raised_at)
+            if any(not ok for ok, _, _ in done.values()):
                 raise _first_failure(fn, done, stuck=[])
-            return [torch.load(done[r][1], weights_only=False) for r in range(self.world_size)]
+            return [torch.load(done[r][1], weights_only=False) for r in range(world_size)]
 
-    def _raise_stopped(self, fn: Callable[..., Any], done: dict, why: str | None) -> None:
-        stuck = [r for r in range(self.world_size) if r not in done]
+    def _raise_stopped(self, fn: Callable[..., Any], world_size: int, done: dict, why: str | None) -> None:
+        stuck = [r for r in range(world_size) if r not in done]
         _print_stacks_then_kill(self.processes, stuck)
         self.close(force=True)
-        if any(not ok for ok, _ in done.values()):
+        if any(not ok for ok, _, _ in done.values()):
             raise _first_failure(fn, done, stuck)
         raise _timed_out(fn, stuck, why)
 
@@ -155,18 +173,19 @@ class RankPool:
             if process.is_alive():
                 process.kill()
                 process.join(timeout=10)
-        if _POOLS.get(self.world_size) is self:
-            del _POOLS[self.world_size]
+        global _POOL
+        if _POOL is self:
+            _POOL = None
 
 
-_POOLS: dict[int, RankPool] = {}
+_POOL: RankPool | None = None
 
 
 @atexit.register
-def close_pools() -> None:
-    """Stop every pool (at interpreter exit)."""
-    for pool in list(_POOLS.values()):
-        pool.close()
+def close_pool() -> None:
+    """Stop the pool (at interpreter exit)."""
+    if _POOL is not None:
+        _POOL.close()
 
 
 def _print_stacks_then_kill(processes, stuck: list[int]) -> None:
@@ -185,9 +204,9 @@ def _timed_out(fn: Callable[..., Any], stuck: list[int], why: str | None) -> Ran
                          f"their stacks are printed above")
 
 
-def _first_failure(fn: Callable[..., Any], done: dict[int, tuple[bool, str]], stuck: list[int]) -> RankFailed:
+def _first_failure(fn: Callable[..., Any], done: dict[int, tuple[bool, str, float]], stuck: list[int]) -> RankFailed:
     """The first rank that raised, with its traceback (the others often fail only because it left)."""
-    failed = [rank for rank, (ok, _) in done.items() if not ok]
+    failed = sorted((rank for rank, (ok, _, _) in done.items() if not ok), key=lambda r: done[r][2])
     rank = failed[0]
     others = [r for r in failed[1:]]
     note = "".join([f"; then rank(s) {others} failed too" if others else "",
@@ -201,8 +220,9 @@ def _name(fn: Callable[..., Any]) -> str:
 
 def _spawned_rank_main(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_dir: str, args: tuple,
                        kwargs: dict) -> None:
+    _prepare_rank_process()
     _set_rank_env(rank, world_size)
-    ok, payload = _run_task(rank, fn, args, kwargs, port, out_dir)
+    ok, payload, _ = _run_task(rank, fn, args, kwargs, port, out_dir)
     if not ok:
         raise RankFailed(payload)
 
@@ -216,14 +236,14 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: f
     runs need them: a pooled process may hold the CPU shim). A rank that raises fails the call
     with its traceback; ranks still running after ``timeout`` seconds are stopped and named.
     """
+    global _POOL
     if fresh:
         return _run_fresh(fn, world_size, args, kwargs, timeout)
-    pool = _POOLS.get(world_size)
-    if pool is None or not pool.alive():
-        if pool is not None:
-            pool.close(force=True)
-        pool = _POOLS[world_size] = RankPool(world_size)
-    return pool.run(fn, args, kwargs, timeout)
+    if _POOL is not None and not _POOL.alive():
+        _POOL.close(force=True)
+    if _POOL is None:
+        _POOL = RankPool()
+    return _POOL.run(fn, world_size, args, kwargs, timeout)
 
 
 def _run_fresh(fn: Callable[..., Any], world_size: int, args: tuple, kwargs: dict, timeout: float) -> list[Any]:
