@@ -208,8 +208,10 @@ class DataConfig:
 
     packing: bool = False
     """Pack each micro-batch's pairs into rows of up to ``pack_length`` tokens (chosen and rejected
-    of a pair in one row) with block-diagonal causal attention: no compute on padding. On the local
-    specs this uses a dense [rows, 1, L, L] mask; RoPE is relative, so positions need no reset."""
+    of a pair in one row) with block-diagonal causal attention: no compute on padding. local_sdpa
+    uses a flex_attention block mask (a dense one where it trains on CPU), local a dense
+    [rows, 1, L, L] mask, transformer_engine THD (cu_seqlens; TE's causal attention ignores a mask).
+    The first packed step checks packed against padded log-probs and stops the run if they differ."""
 
     pack_length: int | None = None
     """Packed row length. None: a whole micro-batch (up to 16k tokens) in one row where flex_attention
