@@ -212,3 +212,46 @@ def test_sequence_parallel_and_recompute_are_in_effect():
             assert rank["layer_inputs"] == [(SEQ // 2, BATCH, 32)] * layer_calls, recompute
             assert rank["core_attention_calls"] == attention_calls, recompute
             assert rank["output"] == (BATCH, SEQ, 32)
+
+
+def sdpa_thd_against_per_sequence_attention(seed):
+    """Our SDPA core attention fed THD (as megatron's attention feeds TE under packing), with the
+    dense mask (training on CPU) and the flex block mask (no grad), against float64 causal
+    attention computed sequence by sequence."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from mmpo_megatron.model.sdpa_attention import SDPAttention
+
+    initialize_parallel(device="cpu")
+    heads, groups, dim = 4, 2, 8
+    config = TransformerConfig(num_layers=1, hidden_size=heads * dim, num_attention_heads=heads,
+                               num_query_groups=groups, attention_dropout=0.0)
+    attention = SDPAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 12, (6,), generator=g)
+    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
+    tokens = int(cu_seqlens[-1])
+    q = torch.randn(tokens, heads, dim, dtype=torch.float64, generator=g)
+    k, v = (torch.randn(tokens, groups, dim, dtype=torch.float64, generator=g) for _ in range(2))
+    expected = []
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        qs, ks, vs = q[start:end], *(t[start:end].repeat_interleave(heads // groups, dim=1) for t in (k, v))
+        scores = torch.einsum("qhd,khd->hqk", qs, ks) / dim**0.5
+        scores = scores.masked_fill(torch.ones(end - start, end - start, dtype=torch.bool).triu(1), float("-inf"))
+        expected.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), vs).reshape(end - start, heads * dim))
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                             max_seqlen_q=int(lengths.max()), max_seqlen_kv=int(lengths.max()))
+    dense = attention(q, k, v, None, packed_seq_params=params)
+    with torch.no_grad():
+        flex = attention(q, k, v, None, packed_seq_params=params)
+    return torch.cat(expected), dense, flex
+
+
+def test_sdpa_reads_thd_packed_sequences_like_per_sequence_attention():
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    expected, dense, flex = run_on_ranks(sdpa_thd_against_per_sequence_attention, 1, seed)[0]
+    assert dense.shape == flex.shape == (expected.shape[0], 1, expected.shape[1])
+    torch.testing.assert_close(dense[:, 0], expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"dense, seed {seed}: {m}")
+    torch.testing.assert_close(flex[:, 0], expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"flex, seed {seed}: {m}")
