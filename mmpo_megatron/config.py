@@ -635,6 +635,16 @@ class TrainConfig:
             f"{self.train.global_batch_size} is not divisible by micro_batch_size x data_parallel = "
             f"{self.train.micro_batch_size} x {dp}",
         )
+        if self.parallel.virtual_pipeline:
+            # megatron's interleaved schedule runs the micro-batches in groups of PP.
+            micro_batches, pp = self.train.global_batch_size // unit, self.parallel.pipeline_parallel
+            _require(
+                micro_batches % pp == 0,
+                "train.global_batch_size",
+                f"gives {micro_batches} micro-batches per step (global_batch_size / (micro_batch_size x "
+                f"data_parallel) = {self.train.global_batch_size} / ({self.train.micro_batch_size} x {dp})); "
+                f"an interleaved pipeline (parallel.virtual_pipeline) needs a multiple of pipeline_parallel={pp}",
+            )
         validate_layout(self.model, self.parallel)
 
 

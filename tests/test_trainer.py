@@ -116,6 +116,22 @@ def loss_variant_runs(root, tp):
     return out
 
 
+# Scoring that does not divide evenly: 6 held-out pairs in micro-batches of 2, so 3 micro-batches
+# at DP=1 (an interleaved PP=2 runs groups of 2: one padding micro-batch is added) and, at DP=2,
+# a rank whose second micro-batch is all padding. Packed, so the first step's packing check runs
+# (at interleaved PP=2 on two micro-batches). name: (tp, pp, vpp) on two ranks.
+UNEVEN_SCORING = {"pp2": (1, 2, None), "pp2_vpp2": (1, 2, 2), "dp2": (1, 1, None)}
+
+
+def uneven_scoring_run(root, name, tp=1, pp=1, vpp=None):
+    cfg = make_config(Path(root) / f"uneven_{name}", tp=tp, pp=pp, vpp=vpp, steps=1,
+                      checkpoint=CheckpointConfig(load_weights=str(Path(root) / "init")))
+    cfg.data.packing = True
+    cfg.data.eval = [DataSourceConfig(split="test[:6]")]
+    cfg.train.eval_interval = 1
+    return train_records(cfg)
+
+
 def init_and_base(root):
     """Initial weights at TP=PP=1 (the common start of every layout), then the baseline runs."""
     from mmpo_megatron.model.builder import build_model_chunks
@@ -133,11 +149,15 @@ def init_and_base(root):
                           checkpoint=CheckpointConfig(load_weights=str(Path(root) / "init")))
         out[loss] = train_records(cfg)
     out["variants"] = loss_variant_runs(root, 1)
+    out["uneven"] = uneven_scoring_run(root, "base")
     return out
 
 
 def layout_runs(root, world):
-    out = {"variants": loss_variant_runs(root, 2)} if world == 2 else {}
+    out = {}
+    if world == 2:
+        out["variants"] = loss_variant_runs(root, 2)
+        out["uneven"] = {name: uneven_scoring_run(root, name, *layout) for name, layout in UNEVEN_SCORING.items()}
     for name, (size, tp, pp, vpp, settings, losses) in LAYOUTS.items():
         if size != world:
             continue
@@ -197,6 +217,12 @@ def test_two_steps_match_single_process_at_every_layout(tmp_path):
         for a, b in zip(got, ref, strict=True):
             for key in COMPARED:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (name, a["step"], key)
+    assert [(r["step"], r["split"]) for r in base["uneven"]] == [(0, "eval"), (1, "train"), (1, "eval")]
+    for name in UNEVEN_SCORING:
+        for a, b in zip(runs["uneven"][name], base["uneven"], strict=True):
+            keys = COMPARED if a["split"] == "train" else ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected")
+            for key in keys:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (name, a["split"], a["step"], key)
     # The variants are different objectives (so agreeing with TP=1 is agreeing on different numbers).
     first_losses = {name: base["variants"][name][0]["loss"] for name in LOSS_VARIANTS}
     assert len({round(v, 6) for v in first_losses.values()}) == len(LOSS_VARIANTS), first_losses
@@ -452,6 +478,11 @@ def test_config_errors_name_the_field_before_heavy_work():
         make_config("unused", pp=2, vpp=4).validate_for_world(2)
     with pytest.raises(ConfigError, match="world size 3 is not divisible"):
         make_config("unused", tp=2).validate_for_world(3)
+    cfg = make_config("unused", pp=2, vpp=2)
+    cfg.train.global_batch_size = 6
+    with pytest.raises(ConfigError, match=r"train.global_batch_size: gives 3 micro-batches per step .* an interleaved "
+                                          r"pipeline \(parallel.virtual_pipeline\) needs a multiple of pipeline_parallel=2"):
+        cfg.validate_for_world(2)
     sys.path.insert(0, str(REPO / "examples"))
     from omegaconf import OmegaConf
     from train_mmpo import resolve_config

@@ -30,7 +30,8 @@ from mmpo_megatron.model.builder import build_model_chunks, default_pack_length,
 from mmpo_megatron.model.objective import Objective, objective_for
 from mmpo_megatron.model.optimizer import wrap_for_training
 from mmpo_megatron.model.reference import ReferenceSource
-from mmpo_megatron.model.schedule import HeadAndMask, MicroBatch, score_microbatches, train_microbatches
+from mmpo_megatron.model.schedule import (HeadAndMask, MicroBatch, microbatch_multiple, score_microbatches,
+                                          train_microbatches)
 from mmpo_megatron.model.scoring import microbatches_for, score_dataset
 from mmpo_megatron.pair_logprobs import PairLogProbs
 from mmpo_megatron.parallel.batch_stats import reduce_metric_sums
@@ -146,21 +147,23 @@ class MegatronPreferenceModel:
                                        forward_only=forward_only)
         return self.from_last_stage(reduce_metric_sums(per_micro, self.dp_group) if self.last_stage else None)
 
-    def check_packing(self, micro: MicroBatch) -> float:
-        """Score one packed micro-batch packed and again padded (one extra forward of each); raise a
+    def check_packing(self, micro_batches: Sequence[MicroBatch]) -> float:
+        """Score packed micro-batches packed and again padded (one extra forward of each); raise a
         ConfigError naming ``data.packing`` when the per-pair, per-token log-probs differ by more than
         PACKING_TOLERANCE: the layer spec's attention did not honour the packed rows' block mask, so
         the sequences of a row attended to each other. Returns the largest difference."""
-        padded = dataclasses.replace(micro, packed=None)
+        padded = [dataclasses.replace(micro, packed=None) for micro in micro_batches]
         with self.updated_weights():
-            packed_scores = score_microbatches(self.chunks, [micro], self.head_and_mask)
-            padded_scores = score_microbatches(self.chunks, [padded], self.head_and_mask)
+            packed_scores = score_microbatches(self.chunks, micro_batches, self.head_and_mask)
+            padded_scores = score_microbatches(self.chunks, padded, self.head_and_mask)
         worst = None
         if self.last_stage:
-            (_, packed), (_, unpacked) = packed_scores[0], padded_scores[0]
-            valid = micro.batch.pair_valid
-            gaps = [(a - b).abs()[valid] for a, b in zip(packed.reduced("mean")[:2], unpacked.reduced("mean")[:2])]
-            worst = {"gap": float(torch.cat(gaps).max()) if valid.any() else 0.0}
+            gaps = []
+            for micro, (_, packed), (_, unpacked) in zip(micro_batches, packed_scores, padded_scores):
+                valid = micro.batch.pair_valid
+                gaps += [(a - b).abs()[valid] for a, b in zip(packed.reduced("mean")[:2], unpacked.reduced("mean")[:2])]
+            gaps = torch.cat(gaps)
+            worst = {"gap": float(gaps.max()) if gaps.numel() else 0.0}
         worst = self.from_last_stage(worst)["gap"]
         dtype = next(unwrap(self.chunks[0]).parameters()).dtype
         tolerance = PACKING_TOLERANCE.get(dtype, PACKING_TOLERANCE[torch.bfloat16])
@@ -179,7 +182,8 @@ class MegatronPreferenceModel:
         if self.optimizer is None:
             raise RuntimeError("this model was built without an optimizer (from_config without total_steps)")
         if micro_batches[0].packed is not None and not self._packing_checked:
-            self.check_packing(micro_batches[0])  # once per model: the first packed step
+            # Once per model, the first packed step; an interleaved pipeline runs PP micro-batches at least.
+            self.check_packing(micro_batches[: microbatch_multiple(self.chunks)])
             self._packing_checked = True
         self.reference_logps(micro_batches)
         for chunk in self.chunks:

@@ -181,6 +181,14 @@ def _run_schedule(
     )
 
 
+def microbatch_multiple(model_chunks: Sequence[torch.nn.Module]) -> int:
+    """How many micro-batches one schedule call must be a multiple of: megatron's interleaved
+    schedule (several chunks per rank) runs them in groups of PP; the others take any number."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_world_size() if len(model_chunks) > 1 else 1
+
+
 def train_microbatches(
     model_chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], objective: Objective,
     head_and_mask: HeadAndMask, *, forward_only: bool = False,

@@ -15,7 +15,7 @@ from mmpo_megatron.data.collate import collate_pairs
 from mmpo_megatron.data.packing import pack_rows
 from mmpo_megatron.data.sampling import eval_microbatches
 from mmpo_megatron.pair_logprobs import PairLogProbs
-from mmpo_megatron.model.schedule import HeadAndMask, MicroBatch, score_microbatches
+from mmpo_megatron.model.schedule import HeadAndMask, MicroBatch, microbatch_multiple, score_microbatches
 
 
 def microbatches_for(
@@ -24,6 +24,13 @@ def microbatches_for(
 ) -> MicroBatch:
     """A MicroBatch of dataset positions (None = padding pair, only at the end); ``batch.index``
     holds the positions. With ``pack_length`` the real pairs are also packed into rows."""
+    if all(p is None for p in positions):
+        # All padding (a data set's tail split over DP ranks, or an interleaved pipeline's group of
+        # PP filled up): pair 0 stands in, marked invalid, so the shapes stay those of real pairs.
+        micro = microbatches_for(pairs, [0, *positions[1:]], pad_id, pad_to_multiple, device, vocab_size, pack_length)
+        micro.batch.pair_valid.fill_(False)
+        micro.batch.index.fill_(-1)
+        return micro
     rows = [None if p is None else {**pairs[int(p)], "index": int(p)} for p in positions]
     micro = MicroBatch(collate_pairs(rows, pad_id, pad_to_multiple).to(device), vocab_size=vocab_size)
     if pack_length:
@@ -42,19 +49,23 @@ def score_dataset(
     count = len(pairs) if limit is None else min(limit, len(pairs))
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     slots = eval_microbatches(count, micro_batch_size, dp_rank, dp_size)
+    multiple = microbatch_multiple(chunks)
+    slots += [[None] * micro_batch_size] * (-len(slots) % multiple)  # padding pairs, scored and dropped
     micro = [microbatches_for(pairs, s, pad_id, pad_to_multiple, device, vocab_size, pack_length) for s in slots]
     was_training = [chunk.training for chunk in chunks]
     for chunk in chunks:
         chunk.eval()
     results = []
-    # Bounded memory per schedule call: score in rounds of up to 64 micro-batches.
-    rounds = range(0, len(micro), 64)
+    # Bounded memory per schedule call: score in rounds of up to 64 micro-batches (a multiple of
+    # what the schedule needs).
+    per_round = max(multiple, 64 - 64 % multiple)
+    rounds = range(0, len(micro), per_round)
     if progress and dist.get_rank() == 0:
         from tqdm import tqdm
 
         rounds = tqdm(rounds, desc="scoring", unit="round")
     for start in rounds:
-        results.extend(score_microbatches(chunks, micro[start : start + 64], head_and_mask))
+        results.extend(score_microbatches(chunks, micro[start : start + per_round], head_and_mask))
     for chunk, training in zip(chunks, was_training):
         chunk.train(training)
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
