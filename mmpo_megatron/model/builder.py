@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmpo_megatron.data.packing import PackedBatch
-
 from mmpo_megatron.config import (  # noqa: F401  (padded_vocab_size, validate_layout: re-exported)
     ConfigError,
     ModelConfig,
@@ -21,6 +19,7 @@ from mmpo_megatron.config import (  # noqa: F401  (padded_vocab_size, validate_l
     padded_vocab_size,
     validate_layout,
 )
+from mmpo_megatron.data.packing import PackedBatch
 
 
 def resolve_dtype(precision: PrecisionConfig, device: str) -> torch.dtype:
