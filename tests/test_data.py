@@ -343,7 +343,7 @@ def _packing_equivalence(seed):
 
 
 def test_packed_rows_give_the_same_sequence_logprobs_as_padded_rows():
-    from mmpo_megatron.parallel.testing import run_on_ranks, tool_main
+    from mmpo_megatron.parallel.testing import run_on_ranks
 
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     (result,) = run_on_ranks(_packing_equivalence, 1, seed)

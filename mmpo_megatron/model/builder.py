@@ -19,7 +19,7 @@ from mmpo_megatron.config import (  # noqa: F401  (padded_vocab_size, validate_l
     padded_vocab_size,
     validate_layout,
 )
-from mmpo_megatron.data.packing import PackedBatch
+from mmpo_megatron.data.packing import PackedBatch, packed_causal_mask
 
 
 def resolve_dtype(precision: PrecisionConfig, device: str) -> torch.dtype:
@@ -261,15 +261,11 @@ def default_pack_length(model: ModelConfig, max_length: int, micro_batch_size: i
 
 
 def packed_attention_mask(kind: str, segment_ids: torch.Tensor):
-    """The attention mask for packed rows: a flex block mask (``kind="flex"``) or a dense one."""
-    from mmpo_megatron.data.packing import packed_causal_mask
+    """The attention mask for packed rows: flex (where it can run) for ``kind="flex"``, else dense."""
+    if kind == "flex":
+        from mmpo_megatron.model.sdpa_attention import flex_or_dense_mask
 
-    # FlexAttention has no CPU backward: CPU training uses the dense mask, CPU scoring uses flex.
-    flex_ok = segment_ids.is_cuda or not torch.is_grad_enabled()
-    if kind == "flex" and flex_ok:
-        from mmpo_megatron.model.sdpa_attention import packed_block_mask
-
-        return packed_block_mask(segment_ids)
+        return flex_or_dense_mask(segment_ids)
     return packed_causal_mask(segment_ids)
 
 

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmpo_megatron.config import ModelConfig, TrainConfig, padded_vocab_size
+from mmpo_megatron.config import RECOMPUTE_GRANULARITIES, ModelConfig, TrainConfig, padded_vocab_size
 
 GIB = 2**30
-RECOMPUTE_ORDER = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)
@@ -203,23 +202,24 @@ def estimate(model: ModelConfig, layout: Layout, work: Workload, *, vocab_size: 
     microbatches = max(1, work.global_batch_size // (work.micro_batch_size * dp))
     per_layer = layer_activation_bytes(model, layout, work, layer_spec)
     layers = model.num_layers // pp
+    moments = 8 + (4 if work.dtype == "bf16" else 0)  # Adam m, v (+ fp32 master under bf16)
+    whole_layer = sum(layer_activation_bytes(model, Layout(tp, pp, dp, layout.virtual_pipeline,
+                                                           layout.sequence_parallel, "none"), work, layer_spec).values())
+    # The backward of a layer holds gradients of about its own activations while it runs; under
+    # full recompute the layer's forward is redone first, and its backward frees as it goes
+    # (measured on CPU: about half a layer's set on top of the recomputed one).
+    working = whole_layer * (1.5 if layout.recompute == "full" else 1.0)
+    # [rows x heads, s, s] of one layer: megatron's local attention computes scores in a persistent
+    # buffer of that size, and selective recompute rebuilds one layer's probabilities.
+    scores = 2 * work.micro_batch_size * model.num_attention_heads // tp * work.max_length ** 2 * e
+    if layout.recompute == "selective" and layer_spec == "local":
+        working += scores
+    scratch = scores if layer_spec == "local" else 0.0
     best = None
     for index, params in enumerate(stages):
-        moments = 8 + (4 if work.dtype == "bf16" else 0)  # Adam m, v (+ fp32 master under bf16)
         optimizer = params * moments / (dp if work.distributed_optimizer else 1)
         in_flight = in_flight_microbatches(layout, microbatches) if index == 0 else 1.0
         kept = sum(per_layer.values()) * layers * in_flight
-        whole_layer = sum(layer_activation_bytes(model, Layout(tp, pp, dp, layout.virtual_pipeline,
-                                                               layout.sequence_parallel, "none"), work, layer_spec).values())
-        # The backward of a layer holds gradients of about its own activations while it runs; under
-        # full recompute the layer's forward is redone first, and its backward frees as it goes
-        # (measured on CPU: about half a layer's set on top of the recomputed one).
-        working = whole_layer * (1.5 if layout.recompute == "full" else 1.0)
-        if layout.recompute == "selective" and layer_spec == "local":  # one layer's probabilities, recomputed
-            working += 2 * work.micro_batch_size * model.num_attention_heads // tp * work.max_length ** 2 * e
-        # megatron's local attention computes scores in a persistent [rows x heads, s, s] buffer.
-        scratch = (2 * work.micro_batch_size * model.num_attention_heads // tp * work.max_length ** 2
-                   * work.bytes_per_value) if layer_spec == "local" else 0.0
         activations = kept + working + scratch
         last = index == len(stages) - 1
         candidate = MemoryEstimate(
@@ -265,7 +265,7 @@ def plan(model: ModelConfig, gpus: int, gpu_memory_gib: float, work: Workload, *
     budget = gpu_memory_gib * GIB * headroom
     for layout in candidate_layouts(model, gpus):
         chosen = None
-        for recompute in RECOMPUTE_ORDER:
+        for recompute in RECOMPUTE_GRANULARITIES:  # cheapest first
             trial = Layout(layout.tensor_parallel, layout.pipeline_parallel, layout.data_parallel,
                            sequence_parallel=True, recompute=recompute)
             chosen = PlanRow(trial, estimate(model, trial, work, vocab_size=vocab_size), False)
@@ -276,7 +276,7 @@ def plan(model: ModelConfig, gpus: int, gpu_memory_gib: float, work: Workload, *
 
     def rank(row: PlanRow):
         layout = row.layout
-        return (not row.fits, RECOMPUTE_ORDER.index(layout.recompute), layout.tensor_parallel * layout.pipeline_parallel,
+        return (not row.fits, RECOMPUTE_GRANULARITIES.index(layout.recompute), layout.tensor_parallel * layout.pipeline_parallel,
                 row.estimate.total)
 
     return sorted(rows, key=rank)
@@ -288,4 +288,4 @@ def gib(value: float) -> str:
 
 
 __all__ = ["Layout", "Workload", "MemoryEstimate", "PlanRow", "estimate", "plan", "candidate_layouts",
-           "stage_parameters", "layer_parameters", "math"]
+           "stage_parameters", "layer_parameters"]

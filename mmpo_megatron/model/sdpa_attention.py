@@ -47,17 +47,24 @@ def packed_block_mask(segment_ids: torch.Tensor) -> BlockMask:
     return create_block_mask(same_sequence_causal, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=segment_ids.device)
 
 
+def flex_or_dense_mask(segment_ids: torch.Tensor):
+    """The packed rows' mask: a flex block mask where flex can run (GPU, or no backward needed:
+    FlexAttention has no CPU backward), else the dense one."""
+    if segment_ids.is_cuda or not torch.is_grad_enabled():
+        return packed_block_mask(segment_ids)
+    return packed_causal_mask(segment_ids)
+
+
 def thd_attention_mask(cu_seqlens: torch.Tensor, tokens: int):
-    """The packed mask of THD sequences bounded by ``cu_seqlens``: a flex block mask where flex can
-    run (GPU, or no backward needed), else a dense one; built once per forward, not per layer."""
+    """The packed mask of THD sequences bounded by ``cu_seqlens`` (flex_or_dense_mask), built once
+    per forward, not per layer."""
     global _thd_mask_cache
     grad = torch.is_grad_enabled()
     if _thd_mask_cache and _thd_mask_cache[0] is cu_seqlens and _thd_mask_cache[1] == grad:
         return _thd_mask_cache[2]
     positions = torch.arange(tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     segment_ids = torch.searchsorted(cu_seqlens[1:], positions, right=True).unsqueeze(0)  # [1, T]
-    flex_ok = segment_ids.is_cuda or not grad  # FlexAttention has no CPU backward
-    mask = packed_block_mask(segment_ids) if flex_ok else packed_causal_mask(segment_ids)
+    mask = flex_or_dense_mask(segment_ids)
     _thd_mask_cache = (cu_seqlens, grad, mask)
     return mask
 

@@ -79,10 +79,11 @@ def _run_task(rank: int, fn: Callable[..., Any], args: tuple, kwargs: dict, port
         # Every group goes, the default one too: megatron drops its groups without destroying them,
         # and gloo groups left alive keep polling threads (17 per TP=2 task) that add up to a core.
         destroy_parallel(destroy_process_group=True)
-        gc.collect()  # the task's models, DDP buckets and optimizer hold groups in reference cycles
-        # What survives (imports, caches) is kept for good: later full collections, one per
-        # finished run in destroy_parallel, then walk only what later tasks allocate (~0.4 s each
-        # otherwise, over megatron's, transformers' and datasets' module objects).
+        # What survives the task (imports, caches) is kept for good: later full collections, one
+        # per finished run in destroy_parallel, then walk only what later tasks allocate (~0.4 s
+        # each otherwise, over megatron's, transformers' and datasets' module objects). Collect
+        # first, so no garbage of this task (its result, a traceback's frames) is frozen with it.
+        gc.collect()
         gc.freeze()
 
 
