@@ -25,7 +25,7 @@ from mmpo_megatron.config import (
     TrainConfig,
     TrainerConfig,
 )
-from mmpo_megatron.parallel.testing import run_on_ranks
+from mmpo_megatron.parallel.testing import run_on_ranks, tool_main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -361,9 +361,11 @@ def test_hf_weight_dtype_follows_the_config():
 
 
 def run_folder_cases(root):
-    """A finished run started again: resumes (nothing to train) or, with overwrite, trains afresh;
-    damaged newest checkpoint: resume from the intact one; all damaged: an error naming them."""
-    import torch.distributed as dist  # noqa: F401
+    """A finished run started again: resumes (nothing to train), trains on with a larger max_steps,
+    or, with overwrite, trains afresh; damaged newest checkpoint: resume from the intact one; all
+    damaged: an error naming them."""
+    import contextlib
+    import io
 
     from mmpo_megatron.model.checkpoint import DamagedCheckpointError
 
@@ -374,6 +376,16 @@ def run_folder_cases(root):
     out["overwritten"] = train(small_config(root / "again", steps=2, overwrite=True))
     out["first"] = first
     out["metrics_lines"] = len((root / "again" / "metrics.jsonl").read_text().splitlines())
+
+    # A finished 4-step run started again with train.max_steps=8 (as the "nothing to train" message
+    # suggests): steps 5-8 follow an 8-step schedule, as a fresh 8-step run's.
+    schedule = OptimConfig(lr=1e-3, warmup_ratio=0.25, decay_style="cosine")
+    train(small_config(root / "longer", steps=4, optim=schedule))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        out["longer"] = train(small_config(root / "longer", steps=8, optim=schedule))
+    out["longer_printed"] = printed.getvalue()
+    out["fresh_8"] = train(small_config(root / "fresh_8", steps=8, optim=schedule))
 
     # A user's file with a bad row: the run skips and counts it, and data_report.json says which.
     rows = [{"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(2 * a + 1)} for a in range(16)]
@@ -406,6 +418,13 @@ def test_run_folders_restart_resume_and_survive_a_damaged_checkpoint(tmp_path, c
     assert [r["step"] for r in out["overwritten"]] == [1, 2]  # afresh
     assert out["overwritten"][1]["loss"] == out["first"][1]["loss"]
     assert out["metrics_lines"] == 2  # the earlier run's lines went with it
+    longer = {r["step"]: r["lr"] for r in out["longer"]}
+    fresh = {r["step"]: r["lr"] for r in out["fresh_8"]}
+    assert sorted(longer) == [5, 6, 7, 8]
+    assert [longer[s] for s in (5, 6, 7, 8)] == [fresh[s] for s in (5, 6, 7, 8)]
+    assert len(set(longer.values())) == 4 and min(longer.values()) > 0  # decaying, not stuck at min_lr = 0
+    assert out["longer_printed"].count("learning-rate schedule: this run's config, not the checkpoint's") == 1
+    assert "lr_warmup_steps 1 -> 2, lr_decay_steps 4 -> 8" in out["longer_printed"], out["longer_printed"]
     # step_2 truncated: resumed from step_1, so steps 2 and 3 train again.
     assert [r["step"] for r in out["after_damage"] if r["split"] == "train"] == [2, 3]
     assert "step_0000001" in out["all_damaged"] and "step_0000002" in out["all_damaged"]
@@ -457,3 +476,70 @@ def test_reference_cache_key_covers_what_changes_reference_values():
     cfg = small_config("elsewhere")
     cfg.optim.lr, cfg.loss.beta = 0.5, 0.3
     assert key(cfg) == key(base)
+
+
+# ------------------------------------------------------------------------------------ the real run in bf16
+
+# A small Llama saved as Hugging Face saves bf16 models; std 0.1 weights make its next-token
+# distributions far from uniform, so its log-probs are far from a random initialisation's.
+BF16_LLAMA = {"vocab_size": 288, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+              "rms_norm_eps": 1e-5, "initializer_range": 0.1, "tie_word_embeddings": False}
+
+
+def save_bf16_llama(folder: Path) -> Path:
+    """A seeded random Llama in bf16 safetensors with the embedded tokenizer, as an HF folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from mmpo_megatron.data.tokenizer import build_byte_tokenizer
+
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**BF16_LLAMA), torch_dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    build_byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def real_run(root, dtype, checkpoint):
+    """model=from_hf + checkpoint.load_weights at TP=2 on the converted folder, 3 steps, as on the command line."""
+    cfg = compose("model=from_hf", f"model.from_hf={checkpoint}", f"checkpoint.load_weights={checkpoint}",
+                  f"data.tokenizer={checkpoint}/tokenizer", "parallel.tensor_parallel=2", "device=cpu",
+                  f"precision.dtype={dtype}", "data.max_length=48", 'data.train=[{path:embedded,split:"train[:24]"}]',
+                  "train.global_batch_size=8", "train.micro_batch_size=2", "train.max_steps=3", "train.eval_interval=0",
+                  "optim.lr=1e-3", "optim.warmup_ratio=0", "logging.progress_bar=false", "logging.tensorboard=false",
+                  f"train.output_dir={Path(root) / dtype}")
+    return train(cfg)
+
+
+def real_runs(root):
+    return {dtype: real_run(root, dtype, Path(root) / f"mcore_{dtype}") for dtype in ("fp32", "bf16")}
+
+
+# Measured on this path (bf16 vs fp32, steps 1 and 2): loss and log-probs within 1.5e-3 relative,
+# gradient norm within 1.3e-3, margins within 0.009 nats. With the fp32 master weights left at the
+# random initialisation (the fault this guards against) step 2 was 0.11 off in loss and 0.46 in
+# gradient norm.
+REAL_RUN_REL = {"loss": 5e-3, "logps/chosen": 5e-3, "logps/rejected": 5e-3, "rewards/chosen": 5e-3, "grad_norm": 5e-3}
+REAL_RUN_MARGIN_ABS = 0.03
+
+
+def test_the_real_run_path_in_bf16_tracks_fp32_from_the_loaded_weights(tmp_path):
+    """HF folder (bf16 safetensors) -> convert_hf_to_megatron.py -> model=from_hf + checkpoint.load_weights
+    at TP=2 in bf16, the GPU default: steps 1 and 2 track the same run in fp32."""
+    save_bf16_llama(tmp_path / "hf")
+    converter = str(REPO / "tools/convert_hf_to_megatron.py")
+    results = run_on_ranks(tool_main, 1, converter, [
+        ["--hf-model", str(tmp_path / "hf"), "--output", str(tmp_path / "mcore_bf16")],  # --dtype auto: bf16
+        ["--hf-model", str(tmp_path / "hf"), "--output", str(tmp_path / "mcore_fp32"), "--dtype", "fp32"]])[0]
+    assert [code for code, _, _ in results] == [0, 0], results
+    assert "weights: bf16" in results[0][1], results[0][1]
+    runs = run_on_ranks(real_runs, 2, str(tmp_path))[0]
+    fp32, bf16 = ([r for r in runs[d] if r["split"] == "train"] for d in ("fp32", "bf16"))
+    assert [r["step"] for r in bf16] == [1, 2, 3]
+    assert fp32[1]["loss"] != fp32[0]["loss"]  # the steps move the model
+    for a, b in zip(fp32[:2], bf16[:2]):
+        for key, rel in REAL_RUN_REL.items():
+            assert b[key] == pytest.approx(a[key], rel=rel), (a["step"], key)
+        assert abs(b["rewards/margins"] - a["rewards/margins"]) < REAL_RUN_MARGIN_ABS, a["step"]

@@ -125,11 +125,18 @@ def _model_state(chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
     return {f"model{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def _load_model_state(chunks: Sequence[torch.nn.Module], loaded: dict[str, Any]) -> None:
+def _load_model_state(chunks: Sequence[torch.nn.Module], loaded: dict[str, Any], masters_of=None) -> None:
+    """Every weight load goes through here. ``masters_of``: an optimizer whose fp32 master weights
+    are then re-derived from the loaded parameters (under bf16 its next step would otherwise copy
+    the masters' old values over them). Not for an optimizer whose own saved state is loaded: that
+    state holds the fp32 masters (and dist_checkpointing may have loaded them in place already)."""
     from mmpo_megatron.model.builder import unwrap
+    from mmpo_megatron.model.optimizer import refresh_masters
 
     for i, chunk in enumerate(chunks):
         unwrap(chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+    if masters_of is not None:
+        refresh_masters(masters_of)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -192,13 +199,14 @@ def save_to(final: Path, chunks: Sequence[torch.nn.Module], optimizer, trainer_s
     return final
 
 
-def load_weights(path: str | Path, chunks: Sequence[torch.nn.Module]) -> Path:
-    """Load model weights only (any TP/PP layout of the saved checkpoint)."""
+def load_weights(path: str | Path, chunks: Sequence[torch.nn.Module], optimizer=None) -> Path:
+    """Load model weights only (any TP/PP layout of the saved checkpoint); the optimizer's master
+    weights, if one is given, follow them."""
     from megatron.core import dist_checkpointing
 
     path = resolve_checkpoint(path)
     state = _model_state(chunks)
-    _load_model_state(chunks, dist_checkpointing.load(state, str(path)))
+    _load_model_state(chunks, dist_checkpointing.load(state, str(path)), masters_of=optimizer)
     return path
 
 
@@ -218,7 +226,7 @@ def load_checkpoint(path: str | Path, chunks: Sequence[torch.nn.Module], optimiz
     except Exception as exc:  # megatron raises several types; which folder failed is what matters
         raise DamagedCheckpointError(f"checkpoint {path} could not be loaded ({type(exc).__name__}: {exc}); move it "
                                      f"aside to resume from the one before it") from exc
-    _load_model_state(chunks, loaded)
+    _load_model_state(chunks, loaded, masters_of=None if same_layout else optimizer)
     if optimizer is not None:
         if same_layout:
             with torch.no_grad():  # in-place copies into leaf parameters' fp32 masters

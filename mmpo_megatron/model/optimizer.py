@@ -1,11 +1,16 @@
 """megatron DDP around the policy's model chunks and its mixed-precision (distributed) optimizer.
 
 One construction for the trainer and the benchmark, so the benchmark times the training path.
+
+Under bf16 the optimizer updates fp32 master copies of the weights and copies them into the bf16
+parameters after each step: a parameter written behind the optimizer's back (loaded weights, a
+resharded resume) is thrown away at the next step unless its master is re-derived from it
+(``refresh_masters``). ``masters_out_of_step`` is the check that none was missed.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -76,3 +81,43 @@ def use_fused_torch_adam(optimizer) -> int:
                 group["fused"], group["foreach"] = True, False
                 switched += 1
     return switched
+
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def master_weights(optimizer) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]]:
+    """(parameter, the part of it this rank's optimizer updates, its fp32 master) for every
+    parameter kept in lower precision than its master; nothing for fp32 parameters, which the
+    optimizer updates in place.
+
+    megatron's non-distributed mixed-precision optimizer keeps a whole master per parameter; the
+    distributed one keeps this data-parallel rank's contiguous range of the flattened parameter.
+    """
+    for inner in _inner_optimizers(optimizer):
+        if hasattr(inner, "shard_fp32_from_float16_groups"):  # DistributedOptimizer
+            for params, masters in zip(inner.model_float16_groups, inner.shard_fp32_from_float16_groups):
+                for param, master in zip(params, masters):
+                    owned = inner._get_model_param_range_map(param)["param"]
+                    yield param, param.detach().view(-1)[owned.start:owned.end], master
+        elif hasattr(inner, "fp32_from_float16_groups"):  # Float16OptimizerWithFloat16Params
+            for params, masters in zip(inner.float16_groups, inner.fp32_from_float16_groups):
+                for param, master in zip(params, masters):
+                    yield param, param.detach(), master
+
+
+def refresh_masters(optimizer) -> None:
+    """Re-derive the fp32 master weights from the parameters (megatron's reload_model_params)."""
+    optimizer.reload_model_params()
+
+
+def masters_out_of_step(optimizer) -> list[torch.nn.Parameter]:
+    """Parameters whose fp32 master, rounded to the parameter's dtype, is not the parameter: the
+    next step would overwrite them with the master's value."""
+    stale = []
+    with torch.no_grad():
+        for param, owned, master in master_weights(optimizer):
+            if not torch.equal(master.detach().to(owned.dtype).view(-1), owned.reshape(-1)):
+                stale.append(param)
+    return stale

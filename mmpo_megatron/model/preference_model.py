@@ -28,7 +28,7 @@ from mmpo_megatron.config import ConfigError, OptimConfig, TrainConfig
 from mmpo_megatron.model import checkpoint as ckpt
 from mmpo_megatron.model.builder import build_model_chunks, default_pack_length, resolve_dtype, unwrap
 from mmpo_megatron.model.objective import Objective, objective_for
-from mmpo_megatron.model.optimizer import wrap_for_training
+from mmpo_megatron.model.optimizer import masters_out_of_step, wrap_for_training
 from mmpo_megatron.model.reference import ReferenceSource
 from mmpo_megatron.model.schedule import (HeadAndMask, MicroBatch, microbatch_multiple, score_microbatches,
                                           train_microbatches)
@@ -66,6 +66,7 @@ class MegatronPreferenceModel:
         self.reference: ReferenceSource | None = None
         self._holding_weights = False  # inside updated_weights()
         self._packing_checked = False
+        self._masters_checked = False
         self.layout = current_layout()
         self.device = self.layout.device
         self.last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
@@ -181,6 +182,9 @@ class MegatronPreferenceModel:
         is 1) and the learning-rate schedule. Returns the step's global metrics."""
         if self.optimizer is None:
             raise RuntimeError("this model was built without an optimizer (from_config without total_steps)")
+        if not self._masters_checked:
+            self.check_masters()
+            self._masters_checked = True
         if micro_batches[0].packed is not None and not self._packing_checked:
             # Once per model, the first packed step; an interleaved pipeline runs PP micro-batches at least.
             self.check_packing(micro_batches[: microbatch_multiple(self.chunks)])
@@ -199,6 +203,22 @@ class MegatronPreferenceModel:
         # skipped steps still ends its decay on its last step.
         self.scheduler.step(1)
         return {**metrics, "grad_norm": grad_norm, "lr": lr, "skipped": skipped}
+
+    def check_masters(self) -> None:
+        """Raise unless every fp32 master weight, rounded to its parameter's dtype, is that parameter
+        (every rank checks its shard; all agree). A parameter written after the optimizer was built,
+        other than through ``load_weights`` / ``resume``, would otherwise be overwritten by its stale
+        master at the next step: under bf16 a run would silently train from other weights."""
+        stale = masters_out_of_step(self.optimizer)
+        count = torch.tensor([len(stale)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(count)
+        if count.item():
+            names = {id(p): n for chunk in self.chunks for n, p in unwrap(chunk).named_parameters()}
+            first = names.get(id(stale[0]), "?") if stale else "on another rank"
+            raise RuntimeError(
+                f"{count.item()} parameter(s) (first: {first}) differ from the optimizer's fp32 master weights: they "
+                "were written after the optimizer was built. Load weights with model.load_weights(...), or call "
+                "model.optimizer.reload_model_params() after writing parameters yourself.")
 
     def _grads_finite(self, loss: float | None) -> bool:
         local = all(bool(torch.isfinite(b.grad_data).all()) for c in self.chunks for b in c.buffers + c.expert_parallel_buffers)
@@ -227,24 +247,48 @@ class MegatronPreferenceModel:
             return ckpt.save_checkpoint(root, step, self.chunks, self.optimizer, state, keep_last=keep_last)
 
     def resume(self, path) -> dict[str, Any]:
-        """Weights, optimizer state, schedule and RNG from a checkpoint; returns its trainer state."""
-        state = ckpt.load_checkpoint(path, self.chunks, self.optimizer)
-        if self.scheduler is not None and state.get("scheduler"):
-            self.scheduler.load_state_dict(state["scheduler"])
+        """Weights, optimizer state (under the same layout; otherwise fp32 masters from the loaded
+        weights), RNG and the step count of the schedule from a checkpoint; returns its trainer state.
+        The schedule's shape (peak and minimum lr, warmup, decay steps and style) is this run's
+        config, not the checkpoint's, so a finished run resumed with a larger ``train.max_steps``
+        decays over the new length; a difference is logged once."""
+        with self.updated_weights():
+            state = ckpt.load_checkpoint(path, self.chunks, self.optimizer)
+        saved = state.get("scheduler")
+        if self.scheduler is not None and saved:
+            changed = schedule_changes(saved, self.scheduler.state_dict())
+            if changed and dist.get_rank() == 0:
+                print(f"learning-rate schedule: this run's config, not the checkpoint's ({changed})", flush=True)
+            self.scheduler.load_state_dict(saved)
         return state
 
     def load_weights(self, path):
-        """Weights only, from a checkpoint of any TP/PP layout; returns the folder read."""
-        return ckpt.load_weights(path, self.chunks)
+        """Weights only, from a checkpoint of any TP/PP layout (the fp32 master weights follow them);
+        returns the folder read."""
+        with self.updated_weights():
+            return ckpt.load_weights(path, self.chunks, self.optimizer)
 
 
 def lr_schedule(optimizer, optim: OptimConfig, total_steps: int):
     """megatron's OptimizerParamScheduler: linear warmup over ``warmup_ratio`` of the steps, then decay."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    # override: a resume keeps only the checkpoint's step count (resume() says what changed), as a
+    # Hugging Face Trainer user expects; megatron's default would take the saved schedule whole.
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
         lr_warmup_steps=int(optim.warmup_ratio * total_steps), lr_decay_steps=total_steps,
         lr_decay_style=optim.decay_style, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
         wd_incr_steps=total_steps, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
     )
+
+
+SCHEDULE_FIELDS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
+
+
+def schedule_changes(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """The schedule fields that differ between a checkpoint's scheduler state and this run's, as
+    ``name checkpoint -> run`` (empty when none)."""
+    return ", ".join(f"{name} {saved.get(name)} -> {current.get(name)}" for name in SCHEDULE_FIELDS
+                     if saved.get(name) != current.get(name))

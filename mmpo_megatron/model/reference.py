@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from mmpo_megatron.model.builder import unwrap
+from mmpo_megatron.model.checkpoint import load_weights
 from mmpo_megatron.model.schedule import MicroBatch, score_microbatches
 from mmpo_megatron.pair_logprobs import PairLogProbs
 
@@ -173,6 +174,28 @@ class CpuSwapReference(ReferenceSource):
         """Score a data set with the reference weights swapped in."""
         with self._reference_in(model):
             return model.score(pairs)
+
+
+@contextlib.contextmanager
+def checkpoint_weights_in(model: "MegatronPreferenceModel", source) -> Iterator[list[torch.nn.Module]]:
+    """The policy's chunks hold the weights of checkpoint ``source`` inside the block and their own,
+    bit for bit, after it; meanwhile the policy's weights wait in CPU memory. Another set of
+    weights to read or score without a second model on the device (a 70B layout has no room for
+    one). The optimizer and its fp32 masters are not touched; the modules' extra state (TE's FP8
+    scaling history) is put back too."""
+    with model.updated_weights():
+        policy = [_cpu_copy(chunk) for chunk in model.chunks]
+        extra = [{k: v for k, v in unwrap(chunk).state_dict().items() if k.endswith("_extra_state")}
+                 for chunk in model.chunks]
+        try:
+            load_weights(source, model.chunks)
+            yield model.chunks
+        finally:
+            with torch.no_grad():
+                for chunk, saved, saved_extra in zip(model.chunks, policy, extra):
+                    for name, param in unwrap(chunk).named_parameters():
+                        param.copy_(saved[name])
+                    unwrap(chunk).load_state_dict(saved_extra, strict=False)
 
 
 def _cpu_copy(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -16,7 +16,8 @@ from mmpo_megatron.data.tokenizer import load_tokenizer
 from mmpo_megatron.model import checkpoint as ckpt
 from mmpo_megatron.model.builder import build_model_chunks, resolve_dtype
 from mmpo_megatron.model.preference_model import MegatronPreferenceModel
-from mmpo_megatron.model.reference import CpuSwapReference, PrecomputedReference, ReferenceSource, ResidentReference
+from mmpo_megatron.model.reference import (CpuSwapReference, PrecomputedReference, ReferenceSource, ResidentReference,
+                                          checkpoint_weights_in)
 
 
 def prepare_run_folder(cfg: TrainConfig, is_rank0: bool) -> Path:
@@ -101,22 +102,33 @@ def build_reference(cfg: TrainConfig, model: MegatronPreferenceModel, train_pair
     """The reference source of ``reference.mode`` (None when the loss needs none).
 
     The reference weights are ``reference.checkpoint``, else the policy's starting weights: its
-    current ones when it has not trained yet, rebuilt from ``checkpoint.load_weights`` (or the
-    seeded initialisation) after a resume.
+    current ones when it has not trained yet, else ``checkpoint.load_weights`` (or, for a run
+    started from the seeded initialisation, that initialisation again). Only ``resident`` keeps a
+    second model on the device; ``precompute`` and ``cpu_swap`` read other weights through the
+    policy's own chunks (checkpoint_weights_in), except a seeded initialisation, which is built
+    again for the moment it is read.
     """
     if not cfg.loss.needs_reference:
         return None
     use_policy = policy_is_initial and cfg.reference.checkpoint is None
+    source = cfg.reference.checkpoint or cfg.checkpoint.load_weights
     mode = cfg.reference.mode
     if mode == "resident":
         return ResidentReference(_reference_chunks(cfg, model))
-    if mode == "cpu_swap":
-        return CpuSwapReference.from_chunks(model.chunks if use_policy else _reference_chunks(cfg, model))
 
     @contextlib.contextmanager
     def weights():
-        yield model.chunks if use_policy else _reference_chunks(cfg, model)
+        if use_policy:
+            yield model.chunks
+        elif source:
+            with checkpoint_weights_in(model, source) as chunks:
+                yield chunks
+        else:
+            yield _reference_chunks(cfg, model)
 
+    if mode == "cpu_swap":
+        with weights() as chunks:
+            return CpuSwapReference.from_chunks(chunks)
     key = reference_cache_key(cfg, _reference_identity(cfg), model.device.type, model.vocab_size, model.pack_length)
     reference = PrecomputedReference(Path(cfg.reference.cache_dir or out / "reference_cache"), key, weights)
     reference.prepare(model, train_pairs)

@@ -64,7 +64,8 @@ class Trainer:
         cfg, model = self.cfg, self.model
         step, consumed, skipped, resumed = self.start()
         model.set_reference(build_reference(cfg, model, self.train_pairs, self.out, policy_is_initial=not resumed))
-        eval_reference = model.reference.score(model, self.eval_pairs) if model.reference and self.eval_pairs is not None else None
+        evaluates = bool(cfg.train.eval_interval) and self.eval_pairs is not None
+        eval_reference = model.reference.score(model, self.eval_pairs) if model.reference and evaluates else None
         sampler = PairSampler(len(self.train_pairs), cfg.train.global_batch_size, cfg.train.micro_batch_size,
                               model.layout.data_rank, model.layout.data_parallel, seed=cfg.data.seed,
                               lengths=self.pair_lengths() if cfg.data.group_by_length else None)
