@@ -378,9 +378,10 @@ def run_folder_cases(root):
     out["metrics_lines"] = len((root / "again" / "metrics.jsonl").read_text().splitlines())
 
     # A finished 4-step run started again with train.max_steps=8 (as the "nothing to train" message
-    # suggests): steps 5-8 follow an 8-step schedule, as a fresh 8-step run's.
-    schedule = OptimConfig(lr=1e-3, warmup_ratio=0.25, decay_style="cosine")
-    train(small_config(root / "longer", steps=4, optim=schedule))
+    # suggests) and another peak and minimum lr: steps 5-8 follow the new 8-step schedule, as a
+    # fresh 8-step run's.
+    train(small_config(root / "longer", steps=4, optim=OptimConfig(lr=1e-3, warmup_ratio=0.25, decay_style="cosine")))
+    schedule = OptimConfig(lr=2e-3, min_lr=1e-4, warmup_ratio=0.25, decay_style="cosine")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         out["longer"] = train(small_config(root / "longer", steps=8, optim=schedule))
@@ -422,9 +423,10 @@ def test_run_folders_restart_resume_and_survive_a_damaged_checkpoint(tmp_path, c
     fresh = {r["step"]: r["lr"] for r in out["fresh_8"]}
     assert sorted(longer) == [5, 6, 7, 8]
     assert [longer[s] for s in (5, 6, 7, 8)] == [fresh[s] for s in (5, 6, 7, 8)]
-    assert len(set(longer.values())) == 4 and min(longer.values()) > 0  # decaying, not stuck at min_lr = 0
+    assert len(set(longer.values())) == 4 and min(longer.values()) > 1e-4  # decaying, not stuck at min_lr
     assert out["longer_printed"].count("learning-rate schedule: this run's config, not the checkpoint's") == 1
-    assert "lr_warmup_steps 1 -> 2, lr_decay_steps 4 -> 8" in out["longer_printed"], out["longer_printed"]
+    assert "(max_lr 0.001 -> 0.002, min_lr 0.0 -> 0.0001, lr_warmup_steps 1 -> 2, lr_decay_steps 4 -> 8)" in \
+        out["longer_printed"], out["longer_printed"]
     # step_2 truncated: resumed from step_1, so steps 2 and 3 train again.
     assert [r["step"] for r in out["after_damage"] if r["split"] == "train"] == [2, 3]
     assert "step_0000001" in out["all_damaged"] and "step_0000002" in out["all_damaged"]
@@ -514,7 +516,13 @@ def real_run(root, dtype, checkpoint):
 
 
 def real_runs(root):
-    return {dtype: real_run(root, dtype, Path(root) / f"mcore_{dtype}") for dtype in ("fp32", "bf16")}
+    """Both runs' records, and the dtype each saved its trained weights in."""
+    from mmpo_megatron.convert.checkpoints import saved_weight_dtype
+    from mmpo_megatron.model.checkpoint import latest_checkpoint
+
+    out = {dtype: real_run(root, dtype, Path(root) / f"mcore_{dtype}") for dtype in ("fp32", "bf16")}
+    out["saved"] = {dtype: saved_weight_dtype(latest_checkpoint(Path(root) / dtype / "checkpoints")) for dtype in ("fp32", "bf16")}
+    return out
 
 
 # Measured on this path (bf16 vs fp32, steps 1 and 2): loss and log-probs within 1.5e-3 relative,
@@ -536,6 +544,7 @@ def test_the_real_run_path_in_bf16_tracks_fp32_from_the_loaded_weights(tmp_path)
     assert [code for code, _, _ in results] == [0, 0], results
     assert "weights: bf16" in results[0][1], results[0][1]
     runs = run_on_ranks(real_runs, 2, str(tmp_path))[0]
+    assert runs["saved"] == {"fp32": "fp32", "bf16": "bf16"}  # each run trained in its own dtype
     fp32, bf16 = ([r for r in runs[d] if r["split"] == "train"] for d in ("fp32", "bf16"))
     assert [r["step"] for r in bf16] == [1, 2, 3]
     assert fp32[1]["loss"] != fp32[0]["loss"]  # the steps move the model

@@ -55,8 +55,8 @@ def state_of(model):
 def swap_round_trip(root, tp, pp, dtype="fp32", overlap=False):
     """Train one step, then run a cpu_swap reference forward: the policy state before and after, and
     the swapped-in scores against the same weights run as a resident model. On two ranks: DP=2
-    unless TP or PP is 2; ``overlap``: overlapped gradient reduce and parameter all-gather (the
-    swap then lands between an update and its deferred gather)."""
+    unless TP or PP is 2; ``overlap``: overlapped gradient reduce and parameter all-gather (an
+    update's all-gather then waits for the next forward; the state is compared once it is done)."""
     from mmpo_megatron.config import CheckpointConfig, DataConfig, DataSourceConfig, LoggingConfig, ModelConfig, \
         OptimConfig, ParallelConfig, PrecisionConfig, TrainConfig, TrainerConfig
     from mmpo_megatron.data.pipeline import build_pairs
@@ -177,7 +177,7 @@ def test_weights_written_behind_the_optimizer_are_refused_and_load_weights_keeps
         out = run_on_ranks(masters_after_loads, 1, str(tmp_path), distributed)[0]
         assert out["optimizer"] == name
         assert out["stale_after_raw_load"] >= 10, out  # every matrix; the norms' 1.0 starts agree
-        assert out.get("refused", "").startswith(f"{out['stale_after_raw_load']} parameter(s) (first: "), out
+        assert out.get("refused", "").startswith(f"{out['stale_after_raw_load']} parameter shard(s) (first: "), out
         assert "differ from the optimizer's fp32 master weights" in out["refused"], out
         assert out["stale_after_load_weights"] == 0, out
         # One Adam step moves a weight by at most lr, plus bf16 rounding of ~0.4% of a weight <= 1.0;

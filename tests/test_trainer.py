@@ -215,6 +215,14 @@ def final_weights(root, names):
     return weights
 
 
+def saved_dtypes(root, names):
+    """The dtype each run saved its trained weights in."""
+    from mmpo_megatron.convert.checkpoints import saved_weight_dtype
+    from mmpo_megatron.model.checkpoint import latest_checkpoint
+
+    return {name: saved_weight_dtype(latest_checkpoint(Path(root) / name / "checkpoints")) for name in names}
+
+
 @pytest.mark.xdist_group("many_ranks")  # one pytest worker: see Makefile
 def test_two_steps_match_single_process_at_every_layout(tmp_path):
     """Loss and metrics of both steps, and every weight after step 2 (resharded to TP=1), equal the
@@ -228,6 +236,9 @@ def test_two_steps_match_single_process_at_every_layout(tmp_path):
     weights = run_on_ranks(final_weights, 1, str(tmp_path), names)[0]
     # bf16: every layout tracks the fp32 single-process run (a stale fp32 master, or a layout's
     # bf16 path gone wrong, moves a weight by far more than the update itself).
+    bf16_runs = [f"{n}_bf16" for n in BF16_LAYOUTS]
+    assert run_on_ranks(saved_dtypes, 1, str(tmp_path), bf16_runs + ["base_bf16_lr"])[0] == {
+        **{name: "bf16" for name in bf16_runs}, "base_bf16_lr": "fp32"}
     ref = [r for r in base["bf16_lr"] if r["split"] == "train"]
     for name in BF16_LAYOUTS:
         got = [r for r in runs[(name, "bf16")] if r["split"] == "train"]
@@ -308,12 +319,13 @@ def resume_runs(root):
     def config(out, dtype, steps=6, tp=1):
         cfg = make_config(out, tp=tp, steps=steps, optim=OptimConfig(lr=5e-3, warmup_ratio=0.34, decay_style="cosine"),
                           checkpoint=CheckpointConfig(save_interval=3, keep_last=5))
-        cfg.precision = PrecisionConfig(dtype=dtype)
+        cfg.precision = PrecisionConfig(dtype=dtype.split("_")[0])
+        cfg.optim.distributed_optimizer = not dtype.endswith("_replicated")
         return cfg
 
     root = Path(root)
     out = {}
-    for dtype in ("fp32", "bf16"):
+    for dtype in RESUME_DTYPES:
         full = train_records(config(root / f"full_{dtype}", dtype))
         seed_run_folder(root / f"full_{dtype}", root / f"resumed_{dtype}", 3, half_written=True)
         out[dtype] = {"full": full, "resumed": train_records(config(root / f"resumed_{dtype}", dtype))}
@@ -322,13 +334,18 @@ def resume_runs(root):
     return out
 
 
+# bf16_replicated: megatron's non-distributed mixed-precision optimizer (whole fp32 masters per rank).
+RESUME_DTYPES = ("fp32", "bf16", "bf16_replicated")
+
+
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     """DP=2 with the distributed optimizer (its resume workarounds: the shared Adam step), in fp32 and
-    in bf16 (fp32 master weights from the checkpoint): steps 4-6 resumed from step 3 equal the
-    uninterrupted run's bit for bit. A bf16 resume under TP=2 (optimizer state restarts) continues
-    from the loaded weights: step 4 sees them, and moves no weight by more than one fresh Adam step."""
+    in bf16 (fp32 master weights from the checkpoint), and bf16 with the replicated optimizer: steps
+    4-6 resumed from step 3 equal the uninterrupted run's bit for bit. A bf16 resume under TP=2
+    (optimizer state restarts) continues from the loaded weights: step 4 sees them, and moves no
+    weight by more than one fresh Adam step."""
     result = run_on_ranks(resume_runs, 2, str(tmp_path))[0]
-    for dtype in ("fp32", "bf16"):
+    for dtype in RESUME_DTYPES:
         full = {r["step"]: r for r in result[dtype]["full"] if r["split"] == "train"}
         resumed = {r["step"]: r for r in result[dtype]["resumed"] if r["split"] == "train"}
         assert sorted(resumed) == [4, 5, 6], dtype

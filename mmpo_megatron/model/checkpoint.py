@@ -116,16 +116,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"no complete checkpoint at {path} (expected step_NNNNNNN folders with {TRAINER_STATE})")
 
 
-def _model_state(chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
+EXTRA_STATE = "_extra_state"  # modules' non-tensor state: Transformer Engine's FP8 scaling history
+
+
+def _model_state(chunks: Sequence[torch.nn.Module], parameters_only: bool = False) -> dict[str, Any]:
     # Names from the bare GPTModel: a checkpoint must not depend on DDP / Float16Module wrappers.
     from mmpo_megatron.model.builder import unwrap
 
+    def state(chunk):
+        full = unwrap(chunk).sharded_state_dict()
+        return {k: v for k, v in full.items() if not k.endswith(EXTRA_STATE)} if parameters_only else full
+
     if len(chunks) == 1:
-        return {"model": unwrap(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
+        return {"model": state(chunks[0])}
+    return {f"model{i}": state(chunk) for i, chunk in enumerate(chunks)}
 
 
-def _load_model_state(chunks: Sequence[torch.nn.Module], loaded: dict[str, Any], masters_of=None) -> None:
+def _load_model_state(chunks: Sequence[torch.nn.Module], loaded: dict[str, Any], masters_of=None,
+                      parameters_only: bool = False) -> None:
     """Every weight load goes through here. ``masters_of``: an optimizer whose fp32 master weights
     are then re-derived from the loaded parameters (under bf16 its next step would otherwise copy
     the masters' old values over them). Not for an optimizer whose own saved state is loaded: that
@@ -134,7 +142,13 @@ def _load_model_state(chunks: Sequence[torch.nn.Module], loaded: dict[str, Any],
     from mmpo_megatron.model.optimizer import refresh_masters
 
     for i, chunk in enumerate(chunks):
-        unwrap(chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+        state = loaded["model" if len(chunks) == 1 else f"model{i}"]
+        if not parameters_only:
+            unwrap(chunk).load_state_dict(state)
+            continue
+        missing, unexpected = unwrap(chunk).load_state_dict(state, strict=False)
+        if unexpected or any(not name.endswith(EXTRA_STATE) for name in missing):
+            raise RuntimeError(f"weights-only load: missing {missing}, unexpected {unexpected}")
     if masters_of is not None:
         refresh_masters(masters_of)
 
@@ -199,14 +213,17 @@ def save_to(final: Path, chunks: Sequence[torch.nn.Module], optimizer, trainer_s
     return final
 
 
-def load_weights(path: str | Path, chunks: Sequence[torch.nn.Module], optimizer=None) -> Path:
+def load_weights(path: str | Path, chunks: Sequence[torch.nn.Module], optimizer=None, *,
+                 parameters_only: bool = False) -> Path:
     """Load model weights only (any TP/PP layout of the saved checkpoint); the optimizer's master
-    weights, if one is given, follow them."""
+    weights, if one is given, follow them. ``parameters_only``: leave the modules' extra state
+    (FP8 scaling history) as it is."""
     from megatron.core import dist_checkpointing
 
     path = resolve_checkpoint(path)
-    state = _model_state(chunks)
-    _load_model_state(chunks, dist_checkpointing.load(state, str(path)), masters_of=optimizer)
+    state = _model_state(chunks, parameters_only)
+    _load_model_state(chunks, dist_checkpointing.load(state, str(path)), masters_of=optimizer,
+                      parameters_only=parameters_only)
     return path
 
 
@@ -229,6 +246,7 @@ def load_checkpoint(path: str | Path, chunks: Sequence[torch.nn.Module], optimiz
     _load_model_state(chunks, loaded, masters_of=None if same_layout else optimizer)
     if optimizer is not None:
         if same_layout:
+            _schedule_peaks_from(optimizer, loaded["optimizer"])
             with torch.no_grad():  # in-place copies into leaf parameters' fp32 masters
                 optimizer.load_state_dict(loaded["optimizer"])
             _fix_shared_adam_step(optimizer)
@@ -257,6 +275,25 @@ def layout_state() -> dict[str, int]:
 
 def _inner_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _schedule_peaks_from(optimizer, saved: Any) -> None:
+    """Give the saved param groups this optimizer's peak and minimum lr. megatron's scheduler reads
+    them from the groups (not from itself), and megatron >= 0.19 matches saved groups to the
+    optimizer's by them, so a resume with another ``optim.lr`` would keep the old rates or fail."""
+    current = optimizer.param_groups[0]
+    if isinstance(saved, dict):
+        for key, value in saved.items():
+            if key == "param_groups" and isinstance(value, list):
+                for group in value:
+                    for name in ("max_lr", "min_lr"):
+                        if name in group:
+                            group[name] = current[name]
+            else:
+                _schedule_peaks_from(optimizer, value)
+    elif isinstance(saved, (list, tuple)):
+        for value in saved:
+            _schedule_peaks_from(optimizer, value)
 
 
 def _prepare_optimizer_for_load(optimizer) -> None:

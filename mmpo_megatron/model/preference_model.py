@@ -216,7 +216,7 @@ class MegatronPreferenceModel:
             names = {id(p): n for chunk in self.chunks for n, p in unwrap(chunk).named_parameters()}
             first = names.get(id(stale[0]), "?") if stale else "on another rank"
             raise RuntimeError(
-                f"{count.item()} parameter(s) (first: {first}) differ from the optimizer's fp32 master weights: they "
+                f"{count.item()} parameter shard(s) (first: {first}) differ from the optimizer's fp32 master weights: they "
                 "were written after the optimizer was built. Load weights with model.load_weights(...), or call "
                 "model.optimizer.reload_model_params() after writing parameters yourself.")
 

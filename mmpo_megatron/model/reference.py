@@ -181,21 +181,18 @@ def checkpoint_weights_in(model: "MegatronPreferenceModel", source) -> Iterator[
     """The policy's chunks hold the weights of checkpoint ``source`` inside the block and their own,
     bit for bit, after it; meanwhile the policy's weights wait in CPU memory. Another set of
     weights to read or score without a second model on the device (a 70B layout has no room for
-    one). The optimizer and its fp32 masters are not touched; the modules' extra state (TE's FP8
-    scaling history) is put back too."""
+    one). Only parameters are loaded: the optimizer, its fp32 masters and the modules' extra state
+    (FP8 scaling history) stay the policy's."""
     with model.updated_weights():
         policy = [_cpu_copy(chunk) for chunk in model.chunks]
-        extra = [{k: v for k, v in unwrap(chunk).state_dict().items() if k.endswith("_extra_state")}
-                 for chunk in model.chunks]
         try:
-            load_weights(source, model.chunks)
+            load_weights(source, model.chunks, parameters_only=True)
             yield model.chunks
         finally:
             with torch.no_grad():
-                for chunk, saved, saved_extra in zip(model.chunks, policy, extra):
+                for chunk, saved in zip(model.chunks, policy):
                     for name, param in unwrap(chunk).named_parameters():
                         param.copy_(saved[name])
-                    unwrap(chunk).load_state_dict(saved_extra, strict=False)
 
 
 def _cpu_copy(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
