@@ -255,3 +255,72 @@ def test_sdpa_reads_thd_packed_sequences_like_per_sequence_attention():
     assert dense.shape == flex.shape == (expected.shape[0], 1, expected.shape[1])
     torch.testing.assert_close(dense[:, 0], expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"dense, seed {seed}: {m}")
     torch.testing.assert_close(flex[:, 0], expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"flex, seed {seed}: {m}")
+
+
+def packed_rows_under_megatron_checkpoint(seed):
+    """Our SDPA core attention on packed rows inside megatron's activation checkpoint (what
+    model.recompute does): the mask megatron carries is the segment ids, so checkpoint can save it;
+    the checkpointed forward (no grad) builds the flex block mask from them, as on CUDA, and the
+    recompute in backward the dense one. Output and gradients against the same attention given
+    megatron's dense block-diagonal mask, without checkpointing."""
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from mmpo_megatron.data.packing import packed_causal_mask
+    from mmpo_megatron.model import sdpa_attention
+    from mmpo_megatron.model.builder import packed_attention_mask
+
+    initialize_parallel(device="cpu")
+    heads, groups, dim, rows, length = 4, 2, 8, 2, 16
+    config = TransformerConfig(num_layers=1, hidden_size=heads * dim, num_attention_heads=heads,
+                               num_query_groups=groups, attention_dropout=0.0)
+    attention = sdpa_attention.SDPAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                                            attention_type="self")
+    g = torch.Generator().manual_seed(seed)
+    segment_ids = torch.full((rows, length), -1, dtype=torch.long)
+    for row in range(rows):  # random sequence lengths, the row's tail left as padding
+        start, seg = 0, 0
+        while start < length - 2:
+            end = min(length, start + int(torch.randint(2, 7, (), generator=g)))
+            segment_ids[row, start:end] = seg
+            start, seg = end, seg + 1
+        segment_ids[row, start:] = -1
+    q = torch.randn(length, rows, heads, dim, dtype=torch.float64, generator=g, requires_grad=True)
+    k, v = (torch.randn(length, rows, groups, dim, dtype=torch.float64, generator=g, requires_grad=True)
+            for _ in range(2))
+    weights = torch.randn(length, rows, heads * dim, dtype=torch.float64, generator=g)
+    real = segment_ids.transpose(0, 1).unsqueeze(-1) >= 0  # padding queries attend to nothing: not compared
+
+    built = []
+    real_flex = sdpa_attention.packed_block_mask
+
+    def counting(ids):
+        built.append("flex")
+        return real_flex(ids)
+
+    sdpa_attention.packed_block_mask = counting
+    try:
+        mask = packed_attention_mask("flex", segment_ids)
+        checkpointed = tensor_parallel.checkpoint(lambda *a: attention(*a), False, q, k, v, mask)
+        (checkpointed * weights * real).sum().backward()
+    finally:
+        sdpa_attention.packed_block_mask = real_flex
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    plain = attention(q, k, v, packed_causal_mask(segment_ids))
+    (plain * weights * real).sum().backward()
+    return {"mask_is_tensor": torch.is_tensor(mask), "flex_built": len(built), "checkpointed": checkpointed.detach() * real,
+            "plain": plain.detach() * real, "grads": grads, "plain_grads": [t.grad for t in (q, k, v)]}
+
+
+def test_packed_rows_survive_activation_checkpointing_with_a_flex_mask():
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    out = run_on_ranks(packed_rows_under_megatron_checkpoint, 1, seed)[0]
+    assert out["mask_is_tensor"]  # a BlockMask here fails megatron's save_for_backward (the CUDA crash)
+    assert out["flex_built"] == 1, out["flex_built"]  # the checkpointed forward ran flex, once for the call
+    torch.testing.assert_close(out["checkpointed"], out["plain"], rtol=1e-10, atol=1e-12, msg=lambda m: f"seed {seed}: {m}")
+    for name, got, expected in zip("qkv", out["grads"], out["plain_grads"]):
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"d{name}, seed {seed}: {m}")

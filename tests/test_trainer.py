@@ -277,6 +277,14 @@ def test_two_steps_match_single_process_at_every_layout(tmp_path):
             keys = COMPARED if a["split"] == "train" else ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected")
             for key in keys:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (name, a["split"], a["step"], key)
+    # Plain 1F1B pipelines pad each micro-batch only to its own rows, as no pipeline does (megatron's
+    # variable_seq_lengths); the interleaved schedule pads a step's micro-batches to its longest row.
+    padding = {name: [r["padding_fraction"] for r in runs[(name, "mmpo")] if r["split"] == "train"]
+               for name in ("pp2_recompute_selective", "tp2_pp2", "pp2_vpp2_dp2_overlap")}
+    unpiped = [r["padding_fraction"] for r in base["mmpo"] if r["split"] == "train"]
+    assert padding["pp2_recompute_selective"] == padding["tp2_pp2"] == unpiped
+    interleaved = padding["pp2_vpp2_dp2_overlap"]
+    assert all(a >= b for a, b in zip(interleaved, unpiped)) and sum(interleaved) > sum(unpiped), (padding, unpiped)
     # The variants are different objectives (so agreeing with TP=1 is agreeing on different numbers).
     first_losses = {name: base["variants"][name][0]["loss"] for name in LOSS_VARIANTS}
     assert len({round(v, 6) for v in first_losses.values()}) == len(LOSS_VARIANTS), first_losses
@@ -813,9 +821,12 @@ def test_fused_chunked_output_layer_and_bf16_train_like_full_fp32_logits(tmp_pat
 # ------------------------------------------------------------------------------------------ packing
 
 
-def packed_and_padded(root, tp, pp, spec, chunk):
+def packed_and_padded(root, tp, pp, spec, chunk, recompute="none"):
     """Records of the same run padded and packed; spec ``thd`` is local_sdpa fed packed rows as
-    THD (cu_seqlens), the form transformer_engine gets: megatron's THD path without TE."""
+    THD (cu_seqlens), the form transformer_engine gets: megatron's THD path without TE. Under
+    ``recompute``, megatron's checkpointing saves the packed rows' mask for backward: on local_sdpa
+    that is the segment ids, from which the checkpointed (no-grad) forward builds a flex block mask,
+    as on CUDA, and the recompute the dense mask (flex has no CPU backward)."""
     from mmpo_megatron.model import schedule
 
     real = schedule.packed_attention_kind
@@ -828,6 +839,7 @@ def packed_and_padded(root, tp, pp, spec, chunk):
             cfg.data.packing = packing
             cfg.model.layer_spec = "local_sdpa" if spec == "thd" else spec
             cfg.model.fused_logprob_chunk = chunk
+            cfg.model.recompute = recompute
             cfg.train.eval_interval = 2
             out[packing] = train_records(cfg)
     finally:
@@ -878,14 +890,15 @@ def test_default_pack_length_puts_a_micro_batch_in_one_row_only_where_packed_att
     assert default_pack_length(ModelConfig(layer_spec="transformer_engine"), 1024, 4, "cuda") == 4 * 2048
 
 
-# The PP=2 case runs the fused head (completion tokens gathered out of packed rows); TP=2 x PP=2
-# packs as THD under both (sequence-parallel pipeline shapes of [1, rows x length]); DP=2 packs
-# each rank's own micro-batches.
-@pytest.mark.parametrize("world,tp,pp,spec,chunk", [(2, 2, 1, "local", 0), (2, 1, 2, "local_sdpa", 5),
-                                                    pytest.param(4, 2, 2, "thd", 5, marks=pytest.mark.xdist_group("many_ranks")),
-                                                    (2, 1, 1, "local_sdpa", 0)])
-def test_packed_training_equals_padded_training(tmp_path, world, tp, pp, spec, chunk):
-    runs = run_on_ranks(packed_and_padded, world, str(tmp_path), tp, pp, spec, chunk)[0]
+# The PP=2 case runs the fused head (completion tokens gathered out of packed rows) under full
+# recompute; TP=2 x PP=2 packs as THD under both (sequence-parallel pipeline shapes of
+# [1, rows x length]); DP=2 packs each rank's own micro-batches under selective recompute.
+@pytest.mark.parametrize("world,tp,pp,spec,chunk,recompute", [
+    (2, 2, 1, "local", 0, "none"), (2, 1, 2, "local_sdpa", 5, "full"),
+    pytest.param(4, 2, 2, "thd", 5, "none", marks=pytest.mark.xdist_group("many_ranks")),
+    (2, 1, 1, "local_sdpa", 0, "selective")])
+def test_packed_training_equals_padded_training(tmp_path, world, tp, pp, spec, chunk, recompute):
+    runs = run_on_ranks(packed_and_padded, world, str(tmp_path), tp, pp, spec, chunk, recompute)[0]
     padded, packed = runs[False], runs[True]
     assert [r["split"] for r in packed] == ["eval", "train", "train", "eval"]
     assert packed[1]["padding_fraction"] < padded[1]["padding_fraction"]

@@ -90,10 +90,13 @@ def transformer_config(
         perform_initialization=initialize,
         # Pairs are the loss "tokens": megatron then divides gradients by the global pair count.
         calculate_per_token_loss=True,
-        # Pipeline p2p buffers are sized from the schedule call's seq_length: the step pads its
-        # micro-batches to one length when PP > 1 (variable_seq_lengths deadlocks the interleaved
-        # schedule on gloo, and costs a shape exchange per message anyway).
-        variable_seq_lengths=False,
+        # Under plain 1F1B each micro-batch crosses the stages in its own shape (a 3-integer shape
+        # message before each activation), so it pads only to its own longest row, not the step's.
+        # The interleaved schedule keeps one shape per step (model/schedule.py pads to it): at PP=2
+        # its stage neighbours are one rank, and megatron's shape exchange is always a batched
+        # isend/irecv, whose sends and receives cross between the two ranks as described below.
+        variable_seq_lengths=parallel.pipeline_parallel > 1 and not parallel.virtual_pipeline,
+        moe_token_dispatcher_type="alltoall",  # no MoE here; megatron refuses its allgather default with the above
         # Interleaved 1F1B at PP=2: the previous and the next stage are the same rank, and in the
         # steady state an activation and a gradient cross between the two ranks in one batched
         # isend/irecv; matched in posting order they swap (measured on gloo: 0.06 nats off at step
@@ -260,12 +263,13 @@ def default_pack_length(model: ModelConfig, max_length: int, micro_batch_size: i
     return one_pair
 
 
-def packed_attention_mask(kind: str, segment_ids: torch.Tensor):
-    """The attention mask for packed rows: flex (where it can run) for ``kind="flex"``, else dense."""
+def packed_attention_mask(kind: str, segment_ids: torch.Tensor) -> torch.Tensor:
+    """What megatron carries as packed rows' attention mask. ``flex``: the segment ids themselves,
+    from which our SDPA module builds the flex block mask (or, where flex cannot run, the dense
+    one) once per forward; megatron's activation recompute saves the mask for backward, which a
+    BlockMask cannot be. Otherwise the dense block-diagonal mask."""
     if kind == "flex":
-        from mmpo_megatron.model.sdpa_attention import flex_or_dense_mask
-
-        return flex_or_dense_mask(segment_ids)
+        return segment_ids
     return packed_causal_mask(segment_ids)
 
 

@@ -152,8 +152,8 @@ def _run_schedule(
     packed = micro_batches[0].packed is not None
     longest = max(int((m.packed.input_ids if packed else m.batch.input_ids).shape[1]) for m in micro_batches)
     num_rows = max(int((m.packed.input_ids if packed else m.batch.input_ids).shape[0]) for m in micro_batches)
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        # p2p buffers have one shape per schedule call.
+    if ps.get_pipeline_model_parallel_world_size() > 1 and not unwrap(model_chunks[0]).config.variable_seq_lengths:
+        # The interleaved schedule's p2p buffers have one shape per call (builder: variable_seq_lengths).
         if packed:
             micro_batches = [replace(m, packed=m.packed.padded_to(num_rows, longest)) for m in micro_batches]
         else:

@@ -5,9 +5,12 @@ repeat_interleave; on an H100 without Transformer Engine that made a 1.5B DPO st
 (the GPU baseline: a 1.5B Llama on one H100 without TE). This subclass keeps its constructor (and so its config checks) and
 replaces only the arithmetic.
 
-It also reads packed rows in THD form (``PackedSeqParams`` with ``cu_seqlens``, the form
-Transformer Engine's attention takes), so that path of megatron's attention (squeezed batch,
-per-sequence RoPE, pipeline shapes) runs, and is tested, without TE.
+Packed rows reach it in one of two forms, and it builds their mask itself, once per forward:
+as a tensor of segment ids in megatron's ``attention_mask`` slot (not a flex_attention BlockMask:
+under activation recompute megatron saves the mask for backward, which only a tensor can be), or
+in THD form (``PackedSeqParams`` with ``cu_seqlens``, the form Transformer Engine's attention
+takes), so that path of megatron's attention (squeezed batch, per-sequence RoPE, pipeline
+shapes) runs, and is tested, without TE.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from mmpo_megatron.data.packing import packed_causal_mask
 
 _compiled_flex = None
-_thd_mask_cache: tuple = ()  # (cu_seqlens, grad enabled, mask): every layer of a forward shares one mask
+# (key of the segment ids, the segment ids, mask): every layer of a forward, and its recompute,
+# shares one mask. Holding the tensor keeps its memory from being reused, so equal keys mean the
+# same storage, unmodified (the version counter), without a device sync to compare contents.
+_mask_cache: tuple = ()
 
 
 def _flex(device_type: str):
@@ -55,18 +61,27 @@ def flex_or_dense_mask(segment_ids: torch.Tensor):
     return packed_causal_mask(segment_ids)
 
 
+def _cached_mask(source: torch.Tensor, form, build):
+    global _mask_cache
+    key = (source.data_ptr(), source.shape, source.stride(), source.device, source._version, form, torch.is_grad_enabled())
+    if not (_mask_cache and _mask_cache[0] == key):
+        _mask_cache = (key, source, build())
+    return _mask_cache[2]
+
+
+def segment_mask(segment_ids: torch.Tensor):
+    """The packed mask (flex_or_dense_mask) of ``segment_ids`` [rows, length], built once for all
+    the layers of a forward and for the recompute in its backward, not per layer."""
+    return _cached_mask(segment_ids, "segments", lambda: flex_or_dense_mask(segment_ids))
+
+
 def thd_attention_mask(cu_seqlens: torch.Tensor, tokens: int):
-    """The packed mask of THD sequences bounded by ``cu_seqlens`` (flex_or_dense_mask), built once
-    per forward, not per layer."""
-    global _thd_mask_cache
-    grad = torch.is_grad_enabled()
-    if _thd_mask_cache and _thd_mask_cache[0] is cu_seqlens and _thd_mask_cache[1] == grad:
-        return _thd_mask_cache[2]
-    positions = torch.arange(tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    segment_ids = torch.searchsorted(cu_seqlens[1:], positions, right=True).unsqueeze(0)  # [1, T]
-    mask = flex_or_dense_mask(segment_ids)
-    _thd_mask_cache = (cu_seqlens, grad, mask)
-    return mask
+    """The packed mask of THD sequences bounded by ``cu_seqlens``, as segment_mask."""
+    def build():
+        positions = torch.arange(tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+        return flex_or_dense_mask(torch.searchsorted(cu_seqlens[1:], positions, right=True).unsqueeze(0))  # [1, T]
+
+    return _cached_mask(cu_seqlens, ("thd", tokens), build)
 
 
 class SDPAttention(DotProductAttention):
@@ -82,10 +97,14 @@ class SDPAttention(DotProductAttention):
                 raise NotImplementedError(f"SDPAttention reads packed sequences as thd, got {packed_seq_params.qkv_format!r}")
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
             attention_mask = thd_attention_mask(packed_seq_params.cu_seqlens_q, query.size(0))
+        elif attention_mask is not None and attention_mask.dtype != torch.bool:
+            attention_mask = segment_mask(attention_mask)  # packed rows' segment ids (builder.packed_attention_mask)
         seq, batch = query.size(0), query.size(1)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
         gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
         if isinstance(attention_mask, BlockMask):  # packed rows: only the blocks that attend are computed
+            if not torch.is_grad_enabled():  # no graph is built (a recompute's first pass): CPU flex refuses
+                q, k, v = q.detach(), k.detach(), v.detach()  # inputs that require grad all the same
             context = _flex(q.device.type)(q, k, v, block_mask=attention_mask, scale=self.softmax_scale, enable_gqa=gqa)
             return context.permute(2, 0, 1, 3).reshape(seq, batch, self.hidden_size_per_partition)
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
