@@ -15,11 +15,35 @@ sys.path.insert(0, str(REPO / "tools"))
 import plan_layout  # noqa: E402
 
 
-def test_predicted_memory_matches_a_measured_step_at_tp2_with_sequence_parallelism():
-    """Validation, not calibration: the TP=2 x SP layout is not one the working-set terms were fitted on."""
-    (row,) = plan_layout.check(layouts=[(2, Layout(2, 1, 1), "local")])
-    assert row["parameters_predicted"] == row["parameters_measured"]  # exact, per TP rank
-    assert abs(row["error"]) < 0.10, row  # tools/plan_layout.py --check: within 6% at seven layouts
+def test_predicted_memory_matches_a_measured_step_at_tp2_with_sequence_parallelism_and_under_block_recompute():
+    """Validation, not calibration: the TP=2 x SP layout is not one the working-set terms were fitted
+    on; full recompute of 2 of 4 layers by the block method keeps the other two layers' activations."""
+    rows = plan_layout.check(layouts=[(2, Layout(2, 1, 1), "local"),
+                                      (1, Layout(recompute="full", recompute_method="block", recompute_num_layers=2), "local")])
+    assert rows[0]["parameters_predicted"] == rows[0]["parameters_measured"]  # exact, per TP rank
+    for row in rows:  # tools/plan_layout.py --check: within 8.2% at ten layouts
+        assert abs(row["error"]) < 0.10, row
+
+
+def test_recompute_settings_change_the_estimate_as_megatron_runs_them():
+    model = ModelConfig(num_layers=8, hidden_size=512, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=1376,
+                        vocab_size=1000, layer_spec="local_sdpa")
+    work = Workload(micro_batch_size=1, max_length=1024)
+
+    def acts(**layout):
+        return estimate(model, Layout(**layout), work).activations
+
+    # A flash-style kernel keeps no probabilities: selective recompute drops only its small saved
+    # output; linear_proj still keeps the attention output (its input).
+    none, selective = estimate(model, Layout(), work), estimate(model, Layout(recompute="selective"), work)
+    assert selective.parts["attention output"] == none.parts["attention output"] > 0
+    assert none.activations - selective.activations == pytest.approx(none.parts["attention kernel output"])
+    # Full recompute: the method and the layer count matter.
+    uniform = [acts(recompute="full", recompute_num_layers=n) for n in (1, 2, 4)]
+    block = [acts(recompute="full", recompute_method="block", recompute_num_layers=n) for n in (2, 4, 8)]
+    assert uniform[0] < uniform[1] < uniform[2] < none.activations
+    assert block[0] > block[1] > block[2] == pytest.approx(uniform[0])  # block of every layer: uniform 1
+    assert plan_layout.parse_args([]).max_length == Workload().max_length == 2312  # the training default
 
 
 def test_stage_parameters_add_up_to_the_model_at_every_split():

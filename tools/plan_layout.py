@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="llama3_8b", help="a configs/model preset name or an HF folder")
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (H100: 80)")
-    p.add_argument("--max-length", type=int, default=2048, help="tokens a sequence is padded to")
+    p.add_argument("--max-length", type=int, default=Workload.max_length,
+                   help=f"tokens a sequence is padded to (default {Workload.max_length}: data.max_length's)")
     p.add_argument("--micro-batch-size", type=int, default=1, help="pairs per micro-batch")
     p.add_argument("--global-batch-size", type=int, default=128, help="pairs per optimizer step")
     p.add_argument("--reference", default="precompute", choices=["precompute", "resident", "cpu_swap"])
@@ -96,7 +97,10 @@ CHECK_VOCAB = 263  # the embedded tokenizer's size
 CHECK_LAYOUTS = [  # (world, layout, layer spec)
     (1, Layout(1, 1, 1), "local"),
     (1, Layout(1, 1, 1, recompute="selective"), "local"),
+    (1, Layout(1, 1, 1, recompute="selective"), "local_sdpa"),  # a flash-style kernel: selective saves ~nothing
     (1, Layout(1, 1, 1, recompute="full"), "local"),
+    (1, Layout(1, 1, 1, recompute="full", recompute_num_layers=2), "local"),
+    (1, Layout(1, 1, 1, recompute="full", recompute_method="block", recompute_num_layers=2), "local"),
     (2, Layout(2, 1, 1), "local"),
     (2, Layout(2, 1, 1, sequence_parallel=False), "local"),
     (2, Layout(1, 2, 1), "local"),
@@ -143,7 +147,8 @@ def measure(layout: Layout, layer_spec: str, model_fields: dict, work: Workload,
 
     cfg = TrainConfig(
         device="cpu",
-        model=ModelConfig(**model_fields, layer_spec=layer_spec, recompute=layout.recompute),
+        model=ModelConfig(**model_fields, layer_spec=layer_spec, recompute=layout.recompute,
+                          recompute_method=layout.recompute_method, recompute_num_layers=layout.recompute_num_layers),
         parallel=ParallelConfig(tensor_parallel=layout.tensor_parallel, pipeline_parallel=layout.pipeline_parallel,
                                 virtual_pipeline=layout.virtual_pipeline, sequence_parallel=layout.sequence_parallel),
         precision=PrecisionConfig(dtype=work.dtype),
@@ -186,7 +191,7 @@ def check(layouts=CHECK_LAYOUTS, model_fields=CHECK_MODEL, work=CHECK_WORK, voca
         per_rank = run_on_ranks(measure, world, layout, spec, model_fields, work, vocab_size)
         worst = max(per_rank, key=lambda r: r["measured"])
         predicted = estimate(ModelConfig(**model_fields, layer_spec=spec), layout, work, vocab_size=vocab_size)
-        rows.append({"layout": layout.describe(), "recompute": layout.recompute, "layer_spec": spec,
+        rows.append({"layout": layout.describe(), "recompute": layout.describe_recompute(), "layer_spec": spec,
                      "predicted": predicted.total, "measured": worst["measured"],
                      "error": predicted.total / worst["measured"] - 1,
                      "parameters_predicted": predicted.parameters,
@@ -199,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.check:
         rows = check()
-        print("| layout (TP x PP x DP) | recompute | predicted | measured | error |")
-        print("|---|---|---|---|---|")
+        print("| layout (TP x PP x DP) | recompute | layer spec | predicted | measured | error |")
+        print("|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['layout']} | {r['recompute']} | {gib(r['predicted'])} | {gib(r['measured'])} | {r['error']:+.1%} |")
+            print(f"| {r['layout']} | {r['recompute']} | {r['layer_spec']} | {gib(r['predicted'])} | {gib(r['measured'])} "
+                  f"| {r['error']:+.1%} |")
         worst = max(abs(r["error"]) for r in rows)
         print(f"largest error: {worst:.1%}")
     else:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmpo_megatron.config import RECOMPUTE_GRANULARITIES, ModelConfig, TrainConfig, padded_vocab_size
+from mmpo_megatron.config import RECOMPUTE_GRANULARITIES, DataConfig, ModelConfig, TrainConfig, padded_vocab_size
 
 GIB = 2**30
 
@@ -40,13 +40,15 @@ class Layout:
     virtual_pipeline: int | None = None
     sequence_parallel: bool = True  # only meaningful when tensor_parallel > 1
     recompute: str = "none"
+    recompute_method: str = "uniform"  # with recompute=full, as model.recompute_method
+    recompute_num_layers: int = 1  # with recompute=full, as model.recompute_num_layers
 
     @classmethod
     def of(cls, cfg: TrainConfig, world_size: int) -> "Layout":
         """The layout a training config runs on ``world_size`` GPUs."""
         tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
         return cls(tp, pp, world_size // (tp * pp), cfg.parallel.virtual_pipeline, cfg.parallel.uses_sequence_parallel,
-                   cfg.model.recompute)
+                   cfg.model.recompute, cfg.model.recompute_method, cfg.model.recompute_num_layers)
 
     @property
     def gpus(self) -> int:
@@ -57,6 +59,12 @@ class Layout:
     def uses_sequence_parallel(self) -> bool:
         """Sequence parallelism in effect (TP > 1 and asked for)."""
         return self.sequence_parallel and self.tensor_parallel > 1
+
+    def describe_recompute(self) -> str:
+        """``model.recompute`` with, under full, its method and layer count."""
+        if self.recompute != "full":
+            return self.recompute
+        return f"full, {self.recompute_method} {self.recompute_num_layers}"
 
     def describe(self) -> str:
         """``TP x PP x DP`` with its choices, for tables."""
@@ -70,7 +78,7 @@ class Workload:
     """What one optimizer step feeds the model."""
 
     micro_batch_size: int = 1  # pairs: two sequences each
-    max_length: int = 2048  # tokens a sequence is padded to
+    max_length: int = DataConfig.max_length  # tokens a sequence is padded to (the training default)
     global_batch_size: int = 128  # pairs a step
     dtype: str = "bf16"  # bf16 | fp32 (weights and activations)
     reference: str = "precompute"
@@ -142,8 +150,15 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, vocab_size: int) -> l
     return stages
 
 
+def layer_input_bytes(model: ModelConfig, layout: Layout, work: Workload) -> float:
+    """One layer's input for one micro-batch: all a fully recomputed layer keeps (split under SP)."""
+    sp = layout.tensor_parallel if layout.uses_sequence_parallel else 1
+    return 2 * work.micro_batch_size * work.max_length * model.hidden_size * work.bytes_per_value / sp
+
+
 def layer_activation_bytes(model: ModelConfig, layout: Layout, work: Workload, layer_spec: str) -> dict[str, float]:
-    """Bytes autograd keeps for one layer and one micro-batch, by tensor group."""
+    """Bytes autograd keeps for one layer and one micro-batch, by tensor group, with no recompute or
+    selective recompute (a fully recomputed layer keeps its input: layer_input_bytes)."""
     t = layout.tensor_parallel
     sp = t if layout.uses_sequence_parallel else 1
     e = work.bytes_per_value
@@ -151,8 +166,6 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout, work: Workload, l
     tokens = rows * s
     h, d, f = model.hidden_size, _head_dim(model), model.ffn_hidden_size or 4 * model.hidden_size
     heads, groups = model.num_attention_heads // t, model.query_groups // t
-    if layout.recompute == "full":
-        return {"layer input": tokens * h * e / sp}
     parts = {
         # Norm inputs and the normalised inputs of QKV and fc1 (split over TP under SP).
         "norms and linear inputs": 4 * tokens * h * e / sp,
@@ -165,9 +178,27 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout, work: Workload, l
         parts["q, k, v"] += 2 * tokens * (heads - groups) * d * e
         if layout.recompute != "selective":
             parts["attention probabilities"] = rows * heads * s * s * e
-    if layout.recompute == "selective":  # core attention is recomputed: only its inputs stay
-        parts["attention output"] = 0.0
+    elif layout.recompute != "selective":
+        # A flash-style kernel (SDPA, TE) keeps its own output (and a per-row log-sum-exp) for its backward.
+        parts["attention kernel output"] = tokens * heads * d * e
+    # Selective recompute re-runs the core attention from its saved q, k, v: it drops only what the
+    # core attention keeps inside (the local spec's probabilities; a flash-style kernel keeps
+    # nothing of that size). Its output stays: linear_proj saves it as its input.
     return parts
+
+
+def kept_activation_bytes(model: ModelConfig, layout: Layout, work: Workload, layer_spec: str,
+                          layers: int) -> dict[str, float]:
+    """What a stage of ``layers`` layers keeps for one micro-batch until its backward, by group."""
+    if layout.recompute != "full":
+        return {name: value * layers for name, value in layer_activation_bytes(model, layout, work, layer_spec).items()}
+    every = sum(layer_activation_bytes(model, layout, work, layer_spec).values())
+    count = min(layout.recompute_num_layers, layers)
+    if layout.recompute_method == "block":  # the first `count` layers keep their input, the rest everything
+        return {"recomputed layers' inputs": count * layer_input_bytes(model, layout, work),
+                "other layers": (layers - count) * every}
+    # uniform: groups of `count` layers, each keeping the input of its first layer
+    return {"recomputed groups' inputs": -(-layers // count) * layer_input_bytes(model, layout, work)}
 
 
 def in_flight_microbatches(layout: Layout, microbatches: int) -> float:
@@ -200,15 +231,23 @@ def estimate(model: ModelConfig, layout: Layout, work: Workload, *, vocab_size: 
     stages = stage_parameters(model, tp, pp, vocab_size)
     e = work.bytes_per_value
     microbatches = max(1, work.global_batch_size // (work.micro_batch_size * dp))
-    per_layer = layer_activation_bytes(model, layout, work, layer_spec)
     layers = model.num_layers // pp
+    kept_per_microbatch = kept_activation_bytes(model, layout, work, layer_spec, layers)
     moments = 8 + (4 if work.dtype == "bf16" else 0)  # Adam m, v (+ fp32 master under bf16)
     whole_layer = sum(layer_activation_bytes(model, Layout(tp, pp, dp, layout.virtual_pipeline,
                                                            layout.sequence_parallel, "none"), work, layer_spec).values())
-    # The backward of a layer holds gradients of about its own activations while it runs; under
-    # full recompute the layer's forward is redone first, and its backward frees as it goes
-    # (measured on CPU: about half a layer's set on top of the recomputed one).
-    working = whole_layer * (1.5 if layout.recompute == "full" else 1.0)
+    # The backward of a layer holds gradients of about its own activations while it runs. Under
+    # full recompute a checkpointed group's forward is redone first (all of its layers' sets) and
+    # its backward frees as it goes: half a layer's set on top (measured on CPU). Under the block
+    # method the peak is the larger of the backward's start (the layers not recomputed, plus that
+    # half) and a recomputed layer's backward.
+    working = whole_layer
+    if layout.recompute == "full":
+        count = min(layout.recompute_num_layers, layers)
+        if layout.recompute_method == "uniform":
+            working = whole_layer * (count + 0.5)
+        else:
+            working = whole_layer * max(0.5, 1.5 - (layers - count))
     # [rows x heads, s, s] of one layer: megatron's local attention computes scores in a persistent
     # buffer of that size, and selective recompute rebuilds one layer's probabilities.
     scores = 2 * work.micro_batch_size * model.num_attention_heads // tp * work.max_length ** 2 * e
@@ -219,14 +258,14 @@ def estimate(model: ModelConfig, layout: Layout, work: Workload, *, vocab_size: 
     for index, params in enumerate(stages):
         optimizer = params * moments / (dp if work.distributed_optimizer else 1)
         in_flight = in_flight_microbatches(layout, microbatches) if index == 0 else 1.0
-        kept = sum(per_layer.values()) * layers * in_flight
+        kept = sum(kept_per_microbatch.values()) * in_flight
         activations = kept + working + scratch
         last = index == len(stages) - 1
         candidate = MemoryEstimate(
             weights=params * e, gradients=params * 4, optimizer=optimizer, activations=activations,
             head=head_bytes(model, layout, work, vocab_size) if last else 0.0,
             reference=params * e if work.reference == "resident" else 0.0, parameters=params,
-            parts={**{name: value * layers * in_flight for name, value in per_layer.items()},
+            parts={**{name: value * in_flight for name, value in kept_per_microbatch.items()},
                    "backward working set": working, "attention scratch buffer": scratch},
         )
         if best is None or candidate.total > best.total:
