@@ -2,10 +2,12 @@
 and validates (no docker engine or cluster here, so these are static checks)."""
 
 import json
+import os
 import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from mmpo_megatron.parallel.testing import run_on_ranks, tool_main
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO / "tools"))
 
 from train_mmpo import resolve_config  # noqa: E402
 
@@ -197,3 +200,81 @@ def test_attention_benchmark_lays_the_same_pairs_out_packed_and_padded(tmp_path)
     assert padded["rows"] == 12  # chosen and rejected of each pair
     assert packed["padding_fraction"] < padded["padding_fraction"]
     assert "packed (flex_attention)" in stdout and "padded (SDPA causal)" in stdout
+
+
+# ------------------------------------------------------------------------------------------ the GPU kit and report
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Stands for the GPU machine's python: answers the report's checks at once, and runs each phase's
+# command as FAKE_PHASES tells (ok | fail | hang).
+case "$1" in
+    -c) [[ "$2" == *"import torch, megatron.core"* ]] && echo "torch 2.11.0 | CUDA 13.0 | megatron-core 0.19.2 | NVIDIA H200"
+        exit 0 ;;
+    -m) phase=smoke ;;
+    tools/benchmark.py) if [[ "$*" == *--realistic* ]]; then phase=realistic; else phase=fixed; fi ;;
+    tools/logprob_memory.py) phase=memory ;;
+    tools/attention_benchmark.py) phase=attention ;;
+    *) exit 9 ;;
+esac
+what=$(tr ' ' '\\n' <<< "$FAKE_PHASES" | grep "^$phase=" | cut -d= -f2)
+echo "$phase running"
+[[ $what == hang ]] && sleep 60
+[[ $what == fail ]] && { echo "$phase broke" >&2; exit 3; }
+echo "$phase done"
+"""
+
+
+def test_gpu_report_runs_every_phase_under_its_limit_and_keeps_what_finished(tmp_path):
+    """`tools/gpu_report.sh all` as the GPU machine runs it (its python faked): the phases in order,
+    a failed one and one past its time limit logged while the rest still run, the log written as it
+    goes, a non-zero exit at the end."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": str(fake),
+           "FAKE_PHASES": "smoke=ok fixed=fail realistic=ok memory=hang attention=ok",
+           "PHASE_LIMITS": "smoke:20 fixed:20 realistic:20 memory:2 attention:20"}
+    done = subprocess.run(["bash", "tools/gpu_report.sh", "all"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    log = (tmp_path / "out" / "gpu_report.log").read_text()
+    markers = [line for line in log.splitlines() if line.startswith("===")]
+    names = [line.split()[1].rstrip(":") for line in markers[:-1] if "exit" in line or "stopped" in line]
+    assert names == ["smoke", "fixed", "realistic", "memory", "attention"], log
+    assert "=== fixed: exit 3" in log and "fixed broke" in log
+    assert "=== memory: stopped after its 2 s" in log and "memory done" not in log
+    assert "attention done" in log and log.strip().endswith("2 phase(s) failed or stopped")
+    assert log.splitlines()[0].startswith("torch 2.11.0")
+
+
+def test_gpu_kit_requirements_and_a_missing_trl_module_named(tmp_path, monkeypatch):
+    """The kit resolves what the GPU run imports (pyproject's dependencies less torch, with pytest
+    and TRL); its stub torch is a valid wheel that brings nothing; an ImportError inside TRL names
+    the module to carry."""
+    import zipfile
+
+    import gpu_kit
+
+    import benchmark
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    wanted = gpu_kit.requirements()
+    assert not any(r.startswith("torch") for r in wanted) and "psutil" in wanted
+    assert len(wanted) == len(declared) - 1 + len(gpu_kit.EXTRA_FOR_THE_RUN)
+    stub = gpu_kit.stub_torch_wheel(tmp_path)
+    with zipfile.ZipFile(stub) as wheel:
+        assert sorted(wheel.namelist()) == ["torch-2.11.0.dist-info/METADATA", "torch-2.11.0.dist-info/RECORD",
+                                            "torch-2.11.0.dist-info/WHEEL"]
+        assert "Requires-Dist" not in wheel.read("torch-2.11.0.dist-info/METADATA").decode()
+    # A TRL whose own import fails on a module the machine lacks.
+    fake = tmp_path / "fake" / "trl"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import a_module_the_machine_lacks\n")
+    for name in [m for m in sys.modules if m == "trl" or m.startswith("trl.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    with pytest.raises(RuntimeError, match="module 'a_module_the_machine_lacks' \\(a dependency of TRL\\) is missing"):
+        benchmark.import_trl()
+    monkeypatch.setitem(sys.modules, "trl", None)
+    with pytest.raises(RuntimeError, match="module 'trl' \\(TRL itself\\) is missing"):
+        benchmark.import_trl()

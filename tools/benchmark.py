@@ -177,6 +177,19 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
     }
 
 
+def import_trl():
+    """TRL's (DPOConfig, DPOTrainer), or a RuntimeError naming the module that is missing: TRL or one
+    of its own dependencies (on a machine with no registry, the wheel to carry)."""
+    try:
+        from trl import DPOConfig, DPOTrainer
+    except ImportError as exc:
+        missing = exc.name or str(exc)
+        where = "TRL itself" if missing.split(".")[0] == "trl" else "a dependency of TRL"
+        raise RuntimeError(f"--vs-trl: cannot import TRL: module {missing!r} ({where}) is missing: "
+                           f"pip install trl, or carry its wheel (tools/gpu_kit.py wheels)") from exc
+    return DPOConfig, DPOTrainer
+
+
 def run_trl(model_cfg, pairs_per_step: int, lengths, args, device, ceiling, reference: str = "online") -> dict:
     """TRL's DPOTrainer (TRL defaults but the reference mode) on the same shape and data; the
     precompute pass, like ours, is outside the timed steps."""
@@ -188,10 +201,7 @@ def run_trl(model_cfg, pairs_per_step: int, lengths, args, device, ceiling, refe
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
-    try:
-        from trl import DPOConfig, DPOTrainer
-    except ImportError as exc:
-        raise RuntimeError("--vs-trl needs TRL: pip install trl") from exc
+    DPOConfig, DPOTrainer = import_trl()
 
     from mmpo_megatron.convert.llama import hf_config_from_model
     from mmpo_megatron.data.collate import pair_tokens
