@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 NPROC ?= 2
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-compat gpu-kit-check clean
 
 venv: $(VENV)/.installed
 
@@ -29,6 +29,36 @@ TEST_WORKERS ?= 2
 
 test: venv
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+
+# The newest megatron-core we support, on the Python 3.12 of GPU clusters and NGC images: a fast,
+# representative part of the suite. PyPI's only cp312 torch is its CUDA build (~4.7 GB with its
+# CUDA wheels; it runs on CPU), so the venv is kept outside the clone and made once per versions.
+COMPAT_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12.*/bin/python) python3.12)
+COMPAT_TORCH ?= torch==2.13.0
+COMPAT_MCORE ?= megatron-core==0.19.2
+COMPAT_VENV ?= $(HOME)/.cache/mmpo-megatron/py312-$(subst ==,-,$(COMPAT_MCORE))-$(subst ==,-,$(COMPAT_TORCH))
+COMPAT_TESTS ?= tests/test_losses.py tests/test_logprobs.py tests/test_batch_stats.py tests/test_parallel_runtime.py \
+	tests/test_preference_model.py tests/test_convert.py tests/test_memory_plan.py \
+	"tests/test_trainer.py::test_resume_reproduces_the_uninterrupted_run_exactly" \
+	"tests/test_trainer.py::test_nonfinite_step_is_skipped_exactly_then_abort" \
+	"tests/test_trainer.py::test_packed_training_equals_padded_training" \
+	"tests/test_trainer.py::test_demo_held_out_reward_accuracy_rises"
+
+$(COMPAT_VENV)/.installed:
+	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(COMPAT_VENV)/bin/python -m pip install -q "$(COMPAT_TORCH)" "$(COMPAT_MCORE)"
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[test]" "$(COMPAT_TORCH)" "$(COMPAT_MCORE)"
+	$(COMPAT_VENV)/bin/python -c "import megatron.core, sys; print('python', sys.version.split()[0], '| megatron-core', megatron.core.__version__)"
+	$(COMPAT_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(COMPAT_TESTS)
+
+# The wheel kit of tools/gpu_report.sh, checked the way the GPU machine (no registry) installs it.
+gpu-kit-check: venv
+	$(BIN)/python tools/gpu_kit.py wheels
+	$(BIN)/python tools/gpu_kit.py check
 
 clean:
 	rm -rf $(VENV) outputs

@@ -61,6 +61,7 @@ def transformer_config(
     if precision.fp8 is not None:
         fp8_kwargs = {"fp8": precision.fp8, "fp8_recipe": precision.fp8_recipe}
     return TransformerConfig(
+        **_version_kwargs(TransformerConfig),
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -104,6 +105,16 @@ def transformer_config(
         batch_p2p_comm=not (parallel.virtual_pipeline and parallel.pipeline_parallel == 2),
         **fp8_kwargs,
     )
+
+
+def _version_kwargs(config_class) -> dict:
+    """Arguments only some megatron-core versions take. megatron-core >= 0.18 replaces
+    cuda_graph_scope by cuda_graph_modules, whose default ("full", no CUDA graphs are built here
+    either way) it then calls deprecated: the empty list is the same and warns of nothing."""
+    import dataclasses
+
+    names = {field.name for field in dataclasses.fields(config_class)}
+    return {"cuda_graph_modules": []} if "cuda_graph_modules" in names else {}
 
 
 def _recompute_kwargs(model: ModelConfig) -> dict:
@@ -225,9 +236,11 @@ def _defer_output_layer(gpt: torch.nn.Module) -> None:
             # vocab-parallel log-probs need every position on every TP rank: gather them, as the
             # layer's own forward would. The fused log-probs already sum their input gradient over
             # TP (on completion tokens only), so the gather's backward only keeps this rank's part.
+            from megatron.core import parallel_state as ps
             from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False,
+                                                                 group=ps.get_tensor_model_parallel_group())
         return hidden_states, None
 
     gpt.output_layer.forward = types.MethodType(passthrough, gpt.output_layer)

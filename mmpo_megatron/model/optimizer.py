@@ -32,7 +32,8 @@ def wrap_for_training(chunks: Sequence[torch.nn.Module], optim: OptimConfig, par
         bucket_size=parallel.ddp_bucket_size,
     )
     # Bucketing only for the first virtual stage, as megatron-LM does for interleaved schedules.
-    wrapped = [DistributedDataParallel(config, ddp_config, module=chunk, disable_bucketing=i > 0)
+    wrapped = [DistributedDataParallel(config, ddp_config, module=chunk, disable_bucketing=i > 0,
+                                       **_param_layout(chunk, ddp_config, disable_bucketing=i > 0))
                for i, chunk in enumerate(chunks)]
 
     def per_chunk(method: str):
@@ -59,6 +60,28 @@ def wrap_for_training(chunks: Sequence[torch.nn.Module], optim: OptimConfig, par
     )
     use_fused_torch_adam(optimizer)
     return wrapped, optimizer
+
+
+def _param_layout(chunk: torch.nn.Module, ddp_config, *, disable_bucketing: bool) -> dict:
+    """DDP's ``full_param_layout`` where megatron-core takes one (>= 0.18 with the distributed
+    optimizer, which otherwise computes it inside DDP and warns that callers should): the same
+    computation, with the bucket size DDP itself would use."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    compute = getattr(DistributedOptimizer, "compute_full_param_layout", None)
+    if compute is None or not ddp_config.use_distributed_optimizer:
+        return {}
+    data_parallel = ps.get_data_parallel_world_size(with_context_parallel=True)
+    bucket_size = ddp_config.bucket_size
+    if bucket_size is None:
+        bucket_size = max(40000000, 1000000 * data_parallel)  # DDP's own default
+    if not ddp_config.overlap_grad_reduce or disable_bucketing or ps.get_pipeline_model_parallel_rank() > 0:
+        bucket_size = None
+    parameters = [p for p in chunk.parameters() if p.requires_grad]
+    layout = compute(parameters, bucket_size, data_parallel, ddp_config,
+                     expert_data_parallel_world_size=ps.get_expert_data_parallel_world_size())
+    return {"full_param_layout": layout}
 
 
 def use_fused_torch_adam(optimizer) -> int:
