@@ -209,6 +209,7 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 # command as FAKE_PHASES tells (ok | fail | hang).
 case "$1" in
     -c) [[ "$2" == *"import torch, megatron.core"* ]] && echo "torch 2.11.0 | CUDA 13.0 | megatron-core 0.19.2 | NVIDIA H200"
+        [[ "$2" == *"import megatron.core, hydra"* && -n "${FAKE_MISSING:-}" ]] && exit 1
         exit 0 ;;
     -m) phase=smoke ;;
     tools/benchmark.py) if [[ "$*" == *--realistic* ]]; then phase=realistic; else phase=fixed; fi ;;
@@ -245,6 +246,12 @@ def test_gpu_report_runs_every_phase_under_its_limit_and_keeps_what_finished(tmp
     assert "=== memory: stopped after its 2 s" in log and "memory done" not in log
     assert "attention done" in log and log.strip().endswith("2 phase(s) failed or stopped")
     assert log.splitlines()[0].startswith("torch 2.11.0")
+    # A machine without megatron-core and no kit that installs: stopped before any phase, said in the log.
+    done = subprocess.run(["bash", "tools/gpu_report.sh", "all"], cwd=REPO, env={**env, "FAKE_MISSING": "1"},
+                          capture_output=True, text=True, timeout=60)
+    log = (tmp_path / "out" / "gpu_report.log").read_text()
+    assert done.returncode == 2 and "=== smoke" not in log, log
+    assert ".whl/" in log.strip().splitlines()[-1], log
 
 
 def test_gpu_kit_requirements_and_a_missing_trl_module_named(tmp_path, monkeypatch):
@@ -266,10 +273,11 @@ def test_gpu_kit_requirements_and_a_missing_trl_module_named(tmp_path, monkeypat
         assert sorted(wheel.namelist()) == ["torch-2.11.0.dist-info/METADATA", "torch-2.11.0.dist-info/RECORD",
                                             "torch-2.11.0.dist-info/WHEEL"]
         assert "Requires-Dist" not in wheel.read("torch-2.11.0.dist-info/METADATA").decode()
-    # A TRL whose own import fails on a module the machine lacks.
+    # A TRL whose import fails on a module the machine lacks, wrapped as TRL's lazy module wraps it.
     fake = tmp_path / "fake" / "trl"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("import a_module_the_machine_lacks\n")
+    (fake / "__init__.py").write_text("try:\n    import a_module_the_machine_lacks\nexcept ImportError as e:\n"
+                                      "    raise RuntimeError('Failed to import trl.trainer.dpo_trainer') from e\n")
     for name in [m for m in sys.modules if m == "trl" or m.startswith("trl.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.syspath_prepend(str(tmp_path / "fake"))

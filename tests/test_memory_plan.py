@@ -44,6 +44,10 @@ def test_recompute_settings_change_the_estimate_as_megatron_runs_them():
     assert uniform[0] < uniform[1] < uniform[2] < none.activations
     assert block[0] > block[1] > block[2] == pytest.approx(uniform[0])  # block of every layer: uniform 1
     assert plan_layout.parse_args([]).max_length == Workload().max_length == 2312  # the training default
+    # Interleaved: recompute_num_layers counts per model chunk (2 chunks of 2 layers a stage here).
+    interleaved = dict(tensor_parallel=1, pipeline_parallel=2, virtual_pipeline=2, recompute="full",
+                       recompute_method="block", recompute_num_layers=2)
+    assert estimate(model, Layout(**interleaved), work).parts["other layers"] == 0
 
 
 def test_stage_parameters_add_up_to_the_model_at_every_split():

@@ -324,3 +324,61 @@ def test_packed_rows_survive_activation_checkpointing_with_a_flex_mask():
     for name, got, expected in zip("qkv", out["grads"], out["plain_grads"]):
         assert expected.abs().max() > 0
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"d{name}, seed {seed}: {m}")
+
+
+def ddp_layouts_against_ddp_own(pipeline_parallel, virtual_pipeline, overlap, bucket_size):
+    """The distributed optimizer's parameter layout we hand megatron's DDP (megatron >= 0.18) against
+    the one DDP computes itself when given none: the same buckets and parameter ranges per chunk."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from mmpo_megatron.config import ModelConfig, PrecisionConfig
+    from mmpo_megatron.model.builder import build_model_chunks
+    from mmpo_megatron.model.optimizer import _param_layout
+
+    parallel = ParallelConfig(pipeline_parallel=pipeline_parallel, virtual_pipeline=virtual_pipeline, device="cpu")
+    initialize_parallel(parallel)
+    model = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+                        max_position_embeddings=64, make_vocab_size_divisible_by=16)
+    chunks = build_model_chunks(model, parallel, PrecisionConfig(dtype="fp32"), vocab_size=263, device="cpu")
+    out = []
+    for i, chunk in enumerate(chunks):
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
+                                                   overlap_grad_reduce=overlap, bucket_size=bucket_size)
+        ours = _param_layout(chunk, ddp_config, disable_bucketing=i > 0).get("full_param_layout")
+        ddp = DistributedDataParallel(chunk.config, ddp_config, module=chunk, disable_bucketing=i > 0)
+        theirs = getattr(ddp, "full_param_layout", None)
+
+        def summary(layout):
+            if layout is None:
+                return None
+            return {str(key): (dict(value.param_index_map), value.bucket_indices, value.per_bucket_numel_unpadded)
+                    for key, value in layout.layouts.items()}
+
+        out.append({"ours": summary(ours), "theirs": summary(theirs),
+                    "buckets": sum(len(v.bucket_indices) for v in theirs.layouts.values()) if theirs else None})
+    destroy_parallel()
+    return out
+
+
+def _ddp_takes_a_layout() -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return hasattr(DistributedOptimizer, "compute_full_param_layout")  # megatron-core >= 0.18
+
+
+# Several buckets at DP=2; a later pipeline stage and a second virtual chunk (no bucketing); no
+# overlap (one bucket); DDP's default bucket size. Before 0.18 nothing is passed: one case says so.
+DDP_LAYOUT_CASES = [(1, None, True, 4000), (2, 2, True, 4000), (1, None, False, None), (1, None, True, None)]
+
+
+@pytest.mark.parametrize("pp,vpp,overlap,bucket", DDP_LAYOUT_CASES if _ddp_takes_a_layout() else DDP_LAYOUT_CASES[:1])
+def test_our_ddp_parameter_layout_is_the_one_ddp_computes(pp, vpp, overlap, bucket):
+    ranks = run_on_ranks(ddp_layouts_against_ddp_own, 2, pp, vpp, overlap, bucket)
+    if not _ddp_takes_a_layout():
+        assert all(chunk["ours"] is None and chunk["theirs"] is None for rank in ranks for chunk in rank)
+        return
+    for rank in ranks:
+        for chunk in rank:
+            assert chunk["ours"] is not None and chunk["ours"] == chunk["theirs"]
+    if (pp, overlap, bucket) == (1, True, 4000):
+        assert ranks[0][0]["buckets"] > 1  # several buckets: the sizes really are compared

@@ -687,6 +687,8 @@ def _transformer_engine_missing() -> str | None:
 
 
 NO_CUDA = "needs CUDA (tools/gpu_report.sh smoke runs it on the lent GPU)"
+# bf16 on both devices: different kernels and reduction orders, each rounding to 2^-8 relative.
+BF16_REL = 2e-2
 
 
 def smoke_config(out, device, spec, packing=False, steps=3):
@@ -701,19 +703,25 @@ def smoke_config(out, device, spec, packing=False, steps=3):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
 def test_gpu_smoke_125m(tmp_path):
     """A few bf16 steps of a ~125M model on one GPU with local_sdpa, padded and packed (compiled
-    flex_attention with a block mask, a whole micro-batch per row): finite, and the loss falls."""
-    for packing in (False, True):
-        cfg = smoke_config(tmp_path / f"sdpa_{packing}", "cuda", "local_sdpa", packing=packing, steps=4)
+    flex_attention with a block mask, a whole micro-batch per row), and packed under selective and
+    full recompute (megatron's checkpoint saves the mask: the segment ids; compiled flex forward
+    and backward inside it): finite, and every packed run's first step equals the plain packed one's."""
+    runs = {}
+    for packing, recompute in ((False, "none"), (True, "none"), (True, "selective"), (True, "full")):
+        cfg = smoke_config(tmp_path / f"sdpa_{packing}_{recompute}", "cuda", "local_sdpa", packing=packing, steps=4)
         cfg.model = ModelConfig(num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=2048,
-                                max_position_embeddings=512, layer_spec="local_sdpa", fused_logprob_chunk=1024)
+                                max_position_embeddings=512, layer_spec="local_sdpa", fused_logprob_chunk=1024,
+                                recompute=recompute)
         train = [r for r in run_on_ranks(train_records, 1, cfg, fresh=True)[0] if r["split"] == "train"]
         assert len(train) == 4 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in train)
         if packing:
             assert all(r["padding_fraction"] < 0.1 for r in train)
+        runs[(packing, recompute)] = train
+    for recompute in ("selective", "full"):  # recompute changes what is kept, not what is computed
+        for key in ("loss", "grad_norm"):
+            assert runs[(True, recompute)][0][key] == pytest.approx(runs[(True, "none")][0][key], rel=BF16_REL), (recompute, key)
 
 
-# bf16 on both devices: different kernels and reduction orders, each rounding to 2^-8 relative.
-BF16_REL = 2e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)

@@ -182,8 +182,12 @@ def import_trl():
     of its own dependencies (on a machine with no registry, the wheel to carry)."""
     try:
         from trl import DPOConfig, DPOTrainer
-    except ImportError as exc:
-        missing = exc.name or str(exc)
+    except (ImportError, RuntimeError) as exc:
+        # TRL's lazy module wraps a failed submodule import in a RuntimeError: the cause names it.
+        cause = exc if isinstance(exc, ModuleNotFoundError) else exc.__cause__ or exc.__context__
+        if not isinstance(cause, ModuleNotFoundError):
+            raise
+        missing = cause.name or str(cause)
         where = "TRL itself" if missing.split(".")[0] == "trl" else "a dependency of TRL"
         raise RuntimeError(f"--vs-trl: cannot import TRL: module {missing!r} ({where}) is missing: "
                            f"pip install trl, or carry its wheel (tools/gpu_kit.py wheels)") from exc

@@ -1,19 +1,22 @@
 #!/usr/bin/env python
 """The Python wheels a GPU machine without a package registry needs to run tools/gpu_report.sh.
 
-    python tools/gpu_kit.py wheels      # here (PyPI): the closure of what the GPU run imports, into .whl/
+    python tools/gpu_kit.py lock        # here (PyPI): resolve the closure again, into tools/gpu_kit.lock
+    python tools/gpu_kit.py wheels      # here: the locked wheels for CPython 3.12 on x86_64, into .whl/
     python tools/gpu_kit.py check       # here: install .whl/ with --no-index into a fresh Python 3.12 venv
     python3 tools/gpu_kit.py install    # there: pip install --no-index --find-links .whl, into its python
 
-The lent GPU machine (see ../shared and DEVELOPERS.md) runs Python 3.12 with its own CUDA torch and
-a stack of common packages, and reaches no registry. The kit is the full dependency closure of
-``requirements()`` for CPython 3.12 on x86_64 Linux, resolved by pip itself, less torch (a stub
-wheel stands for the machine's own while resolving, so none of torch's CUDA wheels come along) and
-less IMAGE_PROVIDED: large packages the machine's image has, which would take the kit past what
-one call may carry (64 MiB; the full closure is about 135 MB, pyarrow alone 54). ``check`` proves
-the kit complete the way the machine will use it: a fresh venv holding only the stub torch and
-IMAGE_PROVIDED (from PyPI, at the image's versions where they are known) installs every
-requirement with --no-index and passes ``pip check``.
+The lent GPU machine runs Python 3.12 with its own CUDA torch and a stack of common packages
+(the device tool's KINDS.md lists them), and reaches no registry. The kit is the dependency
+closure of ``requirements()``, resolved by pip itself against what the machine is known to hold:
+torch (a metadata-only stub wheel stands for it, so none of torch's CUDA wheels come along), the
+packages whose versions a session read there (IMAGE_VERSIONS, pinned while resolving) and large
+ones whose versions nobody has read (IMAGE_PROVIDED: the closure with them is 135 MB, over the
+64 MiB one call may carry). Those are left out; the rest is pinned in tools/gpu_kit.lock, so the
+kit CI checks is the kit a session carries. ``check`` installs it the way the machine will: a
+fresh venv holding only the stub torch, IMAGE_VERSIONS and IMAGE_PROVIDED (the newest from PyPI:
+their versions there are not known, so an older one there can still refuse the kit: `install`
+then names it, and gpu_report.sh logs the machine's versions first).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -33,10 +37,12 @@ KIT = REPO / ".whl"
 PYTHON_VERSION = "3.12"
 TORCH_ON_THE_MACHINE = "2.11.0"
 CARRY_LIMIT_MB = 56  # of a call's 64 MiB, leaving room for the working tree itself
-# On the machine's image (device tool, KINDS.md: 'Python packages already there'), and large.
-# A version where the machine's pip list gave one, so that `check` installs what is there.
-IMAGE_PROVIDED = {"pyarrow": None, "numpy": "2.5.2", "pandas": None, "pillow": None, "grpcio": None,
-                  "tensorboard": None, "tensorboard-data-server": None}
+LOCK = REPO / "tools" / "gpu_kit.lock"
+# On the machine's image, at the versions a session's pip list there showed (device tool, KINDS.md).
+IMAGE_VERSIONS = {"numpy": "2.5.2", "transformers": "5.17.0", "huggingface-hub": "1.33.0", "tokenizers": "0.23.2",
+                  "safetensors": "0.8.0", "accelerate": "1.15.0"}
+# On the machine's image too (KINDS.md, 'Python packages already there'), versions unread, and large.
+IMAGE_PROVIDED = ("pyarrow", "pandas", "pillow", "grpcio", "tensorboard", "tensorboard-data-server")
 # Source-only on PyPI (hydra-core's parser runtime): built into a wheel here.
 SOURCE_ONLY = ["antlr4-python3-runtime==4.9.3"]
 EXTRA_FOR_THE_RUN = ["pytest>=8", "trl>=1.0"]  # the smoke phase's tests, the benchmark's --vs-trl
@@ -86,24 +92,46 @@ def _name(wheel: Path) -> str:
     return wheel.name.split("-")[0].lower().replace("_", "-")
 
 
-def build_wheels(kit: Path = KIT) -> int:
-    """Fill ``kit`` with the closure of requirements() for the machine, less torch and IMAGE_PROVIDED."""
-    if kit.exists():
-        shutil.rmtree(kit)
-    kit.mkdir()
+def _on_the_machine(name: str) -> bool:
+    return name == "torch" or name in IMAGE_VERSIONS or name in IMAGE_PROVIDED
+
+
+def lock(path: Path = LOCK) -> int:
+    """Resolve requirements() for the machine (its known versions pinned) into ``path``."""
     with tempfile.TemporaryDirectory() as scratch:
         local = Path(scratch)
         stub = stub_torch_wheel(local)
         pip(sys.executable, "wheel", "-q", "--no-deps", "-w", str(local), *SOURCE_ONLY)
-        pip(sys.executable, "download", "-q", "--only-binary=:all:", "--python-version", PYTHON_VERSION,
-            "--implementation", "cp", *platform_flags(), "--find-links", str(local), "-d", str(kit),
+        constraints = local / "image.txt"
+        constraints.write_text("".join(f"{name}=={version}\n" for name, version in IMAGE_VERSIONS.items()))
+        report = local / "report.json"
+        pip(sys.executable, "install", "-q", "--dry-run", "--ignore-installed", "--report", str(report),
+            "--only-binary=:all:", "--python-version", PYTHON_VERSION, "--implementation", "cp", *platform_flags(),
+            "--target", str(local / "target"), "--find-links", str(local), "-c", str(constraints),
             f"torch @ {stub.as_uri()}", *requirements())
-    dropped = [w for w in kit.glob("*.whl") if _name(w) == "torch" or _name(w) in IMAGE_PROVIDED]
-    for wheel in dropped:
-        wheel.unlink()
+        resolved = {item["metadata"]["name"].lower().replace("_", "-"): item["metadata"]["version"]
+                    for item in json.loads(report.read_text())["install"]}
+    pinned = sorted(f"{name}=={version}" for name, version in resolved.items() if not _on_the_machine(name))
+    path.write_text("# tools/gpu_kit.py lock: the GPU kit's wheels (the closure less what the machine holds)\n"
+                    + "\n".join(pinned) + "\n")
+    print(f"{len(pinned)} packages locked in {path}")
+    return 0
+
+
+def build_wheels(kit: Path = KIT, path: Path = LOCK) -> int:
+    """Fill ``kit`` with the wheels of the lock file for CPython 3.12 on x86_64."""
+    if kit.exists():
+        shutil.rmtree(kit)
+    kit.mkdir()
+    pinned = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    source_only = {s.split("==")[0] for s in SOURCE_ONLY}
+    binary = [p for p in pinned if p.split("==")[0] not in source_only]
+    pip(sys.executable, "wheel", "-q", "--no-deps", "-w", str(kit), *[p for p in pinned if p not in binary])
+    pip(sys.executable, "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", PYTHON_VERSION,
+        "--implementation", "cp", *platform_flags(), "-d", str(kit), *binary)
     size = sum(w.stat().st_size for w in kit.glob("*.whl")) / 2**20
     print(f"{len(list(kit.glob('*.whl')))} wheels, {size:.1f} MiB in {kit} (left to the machine: torch, "
-          f"{', '.join(sorted(IMAGE_PROVIDED))})")
+          f"{', '.join(sorted(IMAGE_VERSIONS) + list(IMAGE_PROVIDED))})")
     if size > CARRY_LIMIT_MB:
         print(f"error: the kit is {size:.1f} MiB, over the {CARRY_LIMIT_MB} MiB one call may carry", file=sys.stderr)
         return 1
@@ -131,7 +159,7 @@ def check(kit: Path = KIT, python: str | None = None) -> int:
         venv = Path(scratch) / "venv"
         subprocess.run([python, "-m", "venv", str(venv)], check=True)
         inner = str(venv / "bin" / "python")
-        image = [f"{name}=={version}" if version else name for name, version in IMAGE_PROVIDED.items()]
+        image = [f"{name}=={version}" for name, version in IMAGE_VERSIONS.items()] + list(IMAGE_PROVIDED)
         pip(inner, "install", "-q", str(stub_torch_wheel(Path(scratch))), *image)
         pip(inner, "install", "-q", "--no-index", "--find-links", str(kit), *requirements())
         pip(inner, "check")
@@ -150,13 +178,15 @@ def install(kit: Path = KIT) -> int:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["wheels", "check", "install", "requirements"])
+    p.add_argument("command", choices=["lock", "wheels", "check", "install", "requirements"])
     p.add_argument("--kit", type=Path, default=KIT, help="the wheel folder (default .whl/)")
     p.add_argument("--python", help=f"the Python {PYTHON_VERSION} for `check` (default: pyenv's or PATH's)")
     args = p.parse_args(argv)
     if args.command == "requirements":
         print("\n".join(requirements()))
         return 0
+    if args.command == "lock":
+        return lock()
     if args.command == "wheels":
         return build_wheels(args.kit)
     if args.command == "check":

@@ -26,14 +26,20 @@ phase=${1:?usage: tools/gpu_report.sh wheels|all|smoke|fixed|realistic|memory|at
 PHASE_LIMITS=${PHASE_LIMITS:-"smoke:150 fixed:90 realistic:120 memory:60 attention:60"}
 
 if [[ $phase == wheels ]]; then
-    exec "$PYTHON" tools/gpu_kit.py wheels
+    exec "$PYTHON" tools/gpu_kit.py wheels  # from tools/gpu_kit.lock (`tools/gpu_kit.py lock` renews it)
 fi
 
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+log="$OUT/$phase.txt"
+[[ $phase == all ]] && log="$OUT/gpu_report.log"
+: > "$log"
+# What the machine holds of what the kit leaves to it (tools/gpu_kit.py): read here, for the next kit.
+"$PYTHON" -m pip list 2>/dev/null | grep -iE '^(torch|numpy|transformers|huggingface.hub|tokenizers|safetensors|accelerate|pyarrow|pandas|pillow|grpcio|tensorboard) ' | tee -a "$log"
 if ! "$PYTHON" -c "import megatron.core, hydra, datasets, trl" 2>/dev/null; then
-    [[ -d .whl ]] || { echo "megatron-core etc. missing and no .whl/: run 'tools/gpu_report.sh wheels' first" >&2; exit 2; }
-    "$PYTHON" tools/gpu_kit.py install || { echo "the kit in .whl/ did not install (pip named what is missing)" >&2; exit 2; }
+    [[ -d .whl ]] || { echo "megatron-core etc. missing and no .whl/: run 'tools/gpu_report.sh wheels' first" | tee -a "$log" >&2; exit 2; }
+    "$PYTHON" tools/gpu_kit.py install 2>&1 | tee -a "$log"
+    [[ ${PIPESTATUS[0]} == 0 ]] || { echo "the kit in .whl/ did not install (pip named what is missing)" | tee -a "$log" >&2; exit 2; }
 fi
 
 run_phase() {  # run_phase PHASE LOGFILE: one phase's command, its output appended to LOGFILE
@@ -66,8 +72,7 @@ versions() {
 }
 
 if [[ $phase == all ]]; then
-    log="$OUT/gpu_report.log"
-    versions | tee "$log"
+    versions | tee -a "$log"
     failed=0
     for entry in $PHASE_LIMITS; do
         name=${entry%%:*} limit=${entry##*:}
@@ -83,5 +88,5 @@ if [[ $phase == all ]]; then
     exit $((failed > 0))
 fi
 
-versions | tee "$OUT/$phase.txt"
-run_phase "$phase" "$OUT/$phase.txt"
+versions | tee -a "$log"
+run_phase "$phase" "$log"

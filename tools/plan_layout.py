@@ -97,6 +97,7 @@ CHECK_VOCAB = 263  # the embedded tokenizer's size
 CHECK_LAYOUTS = [  # (world, layout, layer spec)
     (1, Layout(1, 1, 1), "local"),
     (1, Layout(1, 1, 1, recompute="selective"), "local"),
+    (1, Layout(1, 1, 1), "local_sdpa"),
     (1, Layout(1, 1, 1, recompute="selective"), "local_sdpa"),  # a flash-style kernel: selective saves ~nothing
     (1, Layout(1, 1, 1, recompute="full"), "local"),
     (1, Layout(1, 1, 1, recompute="full", recompute_num_layers=2), "local"),

@@ -232,7 +232,10 @@ def estimate(model: ModelConfig, layout: Layout, work: Workload, *, vocab_size: 
     e = work.bytes_per_value
     microbatches = max(1, work.global_batch_size // (work.micro_batch_size * dp))
     layers = model.num_layers // pp
-    kept_per_microbatch = kept_activation_bytes(model, layout, work, layer_spec, layers)
+    # megatron applies recompute_num_layers to each model chunk (virtual stage) of a rank.
+    chunks = layout.virtual_pipeline or 1
+    per_chunk = kept_activation_bytes(model, layout, work, layer_spec, layers // chunks)
+    kept_per_microbatch = {name: value * chunks for name, value in per_chunk.items()}
     moments = 8 + (4 if work.dtype == "bf16" else 0)  # Adam m, v (+ fp32 master under bf16)
     whole_layer = sum(layer_activation_bytes(model, Layout(tp, pp, dp, layout.virtual_pipeline,
                                                            layout.sequence_parallel, "none"), work, layer_spec).values())
@@ -243,11 +246,11 @@ def estimate(model: ModelConfig, layout: Layout, work: Workload, *, vocab_size: 
     # half) and a recomputed layer's backward.
     working = whole_layer
     if layout.recompute == "full":
-        count = min(layout.recompute_num_layers, layers)
+        count = min(layout.recompute_num_layers, layers // chunks)
         if layout.recompute_method == "uniform":
             working = whole_layer * (count + 0.5)
         else:
-            working = whole_layer * max(0.5, 1.5 - (layers - count))
+            working = whole_layer * max(0.5, 1.5 - (layers // chunks - count))
     # [rows x heads, s, s] of one layer: megatron's local attention computes scores in a persistent
     # buffer of that size, and selective recompute rebuilds one layer's probabilities.
     scores = 2 * work.micro_batch_size * model.num_attention_heads // tp * work.max_length ** 2 * e
