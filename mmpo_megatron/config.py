@@ -253,6 +253,74 @@ def _as_source(source) -> DataSourceConfig:
 
 LAYER_SPECS = ("local", "local_sdpa", "transformer_engine")
 RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
+# LoRA targets by PEFT's (Hugging Face) projection names, and megatron's fused linears as
+# shorthands for their groups: one adapter per HF projection, inside the fused linear.
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_SHORTHANDS = {"linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_proj": ("o_proj",),
+                   "linear_fc1": ("gate_proj", "up_proj"), "linear_fc2": ("down_proj",)}
+
+
+def lora_projections(targets) -> tuple[str, ...]:
+    """``targets`` (HF projection names or megatron shorthands) as HF projection names, in
+    LORA_PROJECTIONS order; an unknown name raises, naming it."""
+    wanted = set()
+    for name in targets:
+        if name in LORA_SHORTHANDS:
+            wanted.update(LORA_SHORTHANDS[name])
+        elif name in LORA_PROJECTIONS:
+            wanted.add(name)
+        else:
+            known = ", ".join(LORA_PROJECTIONS + tuple(LORA_SHORTHANDS))
+            raise ConfigError(f"model.lora.target_modules: unknown target {name!r} (known: {known})")
+    return tuple(p for p in LORA_PROJECTIONS if p in wanted)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (PEFT's semantics: y = W x + alpha / rank * B A dropout(x)); the base weights
+    stay frozen and only the adapters train (and have optimizer state)."""
+
+    rank: int = 0
+    """Adapter rank r; 0 turns LoRA off (full fine-tuning). The paper: 64 (Llama-3.2-1B), 32 (8B).
+    Under TP the rank need not divide by TP: A and B are split like the base weight."""
+
+    alpha: float | None = None
+    """Scale numerator (PEFT's lora_alpha); None means alpha = rank, a scale of 1 (the paper's choice)."""
+
+    dropout: float = 0.0
+    """Dropout on the adapter's input (PEFT's lora_dropout); the paper uses 0.01."""
+
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_PROJECTIONS))
+    """PEFT projection names (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or megatron's
+    linear_qkv / linear_proj / linear_fc1 / linear_fc2 for their groups. Default: every linear layer
+    (the paper's 1B setup; its 8B setup uses [q_proj, k_proj, v_proj, o_proj])."""
+
+    init_from: str | None = None
+    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to start from, e.g.
+    an SFT adapter; None starts as PEFT does (A Kaiming-uniform, B zero: the policy starts at the base)."""
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 0, "model.lora.rank", f"must be >= 0, got {self.rank}")
+        _require(self.alpha is None or self.alpha > 0, "model.lora.alpha", f"must be > 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.rank:
+            _require(len(lora_projections(self.target_modules)) > 0, "model.lora.target_modules",
+                     "names no projection")
+
+    @property
+    def enabled(self) -> bool:
+        """LoRA is on."""
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, the factor on B A x."""
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The targeted HF projections."""
+        return lora_projections(self.target_modules)
 
 
 @dataclass
@@ -332,7 +400,12 @@ class ModelConfig:
     recompute_num_layers: int = 1
     """With recompute=full: layers per checkpointed group (uniform) or recomputed layers per stage (block)."""
 
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters (off unless lora.rank > 0)."""
+
     def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraConfig(**self.lora)
         for name in ("num_layers", "hidden_size", "num_attention_heads"):
             _require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
         _require(self.fused_logprob_chunk >= 0, "model.fused_logprob_chunk", f"must be >= 0, got {self.fused_logprob_chunk}")
@@ -364,6 +437,14 @@ class ModelConfig:
             "model.hidden_size",
             f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}; set kv_channels",
         )
+        if self.lora.enabled:
+            missing = [p for p in self.lora.projections if p in ("gate_proj", "up_proj") and not self.swiglu]
+            _require(not missing, "model.lora.target_modules",
+                     f"{missing} need a SwiGLU MLP (model.swiglu=true); this model's fc1 has no gate/up parts")
+            _require(self.layer_spec != "transformer_engine", "model.lora",
+                     "LoRA runs on the local and local_sdpa layer specs; transformer_engine fuses the norm into "
+                     "linear_qkv and linear_fc1, whose adapters need the normalised input (not wired yet): use "
+                     "model.layer_spec=local_sdpa")
 
     @property
     def query_groups(self) -> int:
@@ -528,12 +609,19 @@ class TrainerConfig:
         _require(self.log_interval >= 1, "train.log_interval", f"must be >= 1, got {self.log_interval}")
 
 
+REFERENCE_MODES = ("auto", "precompute", "resident", "cpu_swap", "adapters_off")
+
+
 @dataclass
 class ReferenceConfig:
     """Where reference log-probs come from."""
 
-    mode: str = "precompute"
-    """precompute: one forward pass over train and eval pairs before training, cached on disk (keyed
+    mode: str = "auto"
+    """auto: adapters_off when LoRA starts fresh (model.lora.rank > 0 without init_from), else
+    precompute (with init_from the starting policy, base + that adapter, is the reference, as in TRL).
+    adapters_off (LoRA only): the policy's own chunks with the adapters switched off are the
+    reference, the base model: no copy, no swap, no cache.
+    precompute: one forward pass over train and eval pairs before training, cached on disk (keyed
     by data, weights, model and numerics) and reused on restart: offline training repeats epochs,
     so this saves a reference forward per step, and no reference weights stay on the device.
     resident: a second frozen model on the device, run on each step's pairs (one more copy of the
@@ -548,8 +636,8 @@ class ReferenceConfig:
     """Where precomputed log-probs live; None means <output_dir>/reference_cache."""
 
     def __post_init__(self) -> None:
-        _require(self.mode in ("precompute", "resident", "cpu_swap"), "reference.mode",
-                 f"must be precompute, resident or cpu_swap, got {self.mode!r}")
+        _require(self.mode in REFERENCE_MODES, "reference.mode",
+                 f"must be one of {', '.join(REFERENCE_MODES)}, got {self.mode!r}")
 
 
 @dataclass
@@ -607,6 +695,16 @@ class TrainConfig:
         if not self.loss.needs_reference and self.reference.mode != "precompute":
             # SimPO needs no reference: never build one.
             self.reference.mode = "precompute"
+        if self.reference.mode == "auto":
+            # LoRA from PEFT's B = 0 starts at the base: the adapters switched off are the reference.
+            # From an init_from adapter (an SFT adapter) the starting policy is base + that adapter.
+            fresh_adapters = self.model.lora.enabled and not self.model.lora.init_from
+            self.reference.mode = "adapters_off" if fresh_adapters else "precompute"
+        _require(self.reference.mode != "adapters_off" or self.model.lora.enabled, "reference.mode",
+                 "adapters_off needs LoRA (model.lora.rank > 0): without adapters there is no base to switch back to")
+        _require(self.reference.mode != "adapters_off" or self.reference.checkpoint is None, "reference.checkpoint",
+                 "with reference.mode=adapters_off the reference is the base model; for other reference weights "
+                 "choose reference.mode=precompute, resident or cpu_swap")
         if self.precision.fp8 is not None:
             # TE's FP8 GEMMs need every token dimension a multiple of 16.
             _require(

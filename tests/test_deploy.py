@@ -80,12 +80,22 @@ def test_large_model_recipes_lay_out_on_their_clusters():
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == (80, 8192, 64)
     assert cfg.parallel.uses_sequence_parallel and cfg.model.recompute == "none"
     assert cfg.data.max_prompt_length == 1800 and cfg.reference.mode == "precompute"
+    # The paper's LoRA setups (its authors' recipes), the reference the base with adapters off.
+    for recipe, (rank, targets, lr) in {"llama3_2_1b_mmpo_lora": (64, 7, 5e-4), "llama3_8b_mmpo_lora": (32, 4, 1e-4)}.items():
+        cfg = composed(recipe)
+        cfg.validate_for_world(8)
+        lora = cfg.model.lora
+        assert (lora.rank, lora.alpha, lora.dropout, len(lora.projections), cfg.optim.lr) == (rank, rank, 0.01, targets, lr)
+        assert cfg.reference.mode == "adapters_off" and cfg.train.global_batch_size == 128 and cfg.train.epochs == 5
+        assert (cfg.optim.warmup_ratio, cfg.optim.decay_style, cfg.data.max_length, cfg.data.max_prompt_length) == (
+            0.1, "cosine", 2312, 1800)
 
 
 def test_recipe_comments_state_the_planners_prediction():
     from mmpo_megatron.model.memory_plan import Layout, Workload, estimate
 
-    for recipe, world in (("llama3_8b_mmpo", 16), ("llama3_70b_mmpo", 32)):
+    for recipe, world in (("llama3_8b_mmpo", 16), ("llama3_70b_mmpo", 32), ("llama3_2_1b_mmpo_lora", 8),
+                          ("llama3_8b_mmpo_lora", 8)):
         cfg = composed(recipe)
         predicted = estimate(cfg.model, Layout.of(cfg, world), Workload.of(cfg)).gib()
         stated = float(re.search(r"predicts (\d+\.\d) GiB a GPU", (CONFIGS / f"{recipe}.yaml").read_text()).group(1))

@@ -1,6 +1,7 @@
 """The layout planner: parameter counts equal megatron's, predicted memory matches a measured
 training step on CPU, and the plan answers the cluster questions it is for."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -17,11 +18,18 @@ import plan_layout  # noqa: E402
 
 def test_predicted_memory_matches_a_measured_step_at_tp2_with_sequence_parallelism_and_under_block_recompute():
     """Validation, not calibration: the TP=2 x SP layout is not one the working-set terms were fitted
-    on; full recompute of 2 of 4 layers by the block method keeps the other two layers' activations."""
+    on; full recompute of 2 of 4 layers by the block method keeps the other two layers' activations;
+    LoRA at TP=2 x SP: adapter parameters counted exactly, the optimizer holding only them."""
+    lora = dataclasses.replace(plan_layout.CHECK_WORK, lora_rank=16)
     rows = plan_layout.check(layouts=[(2, Layout(2, 1, 1), "local"),
-                                      (1, Layout(recompute="full", recompute_method="block", recompute_num_layers=2), "local")])
+                                      (1, Layout(recompute="full", recompute_method="block", recompute_num_layers=2), "local"),
+                                      (2, Layout(2, 1, 1), "local", lora)])
     assert rows[0]["parameters_predicted"] == rows[0]["parameters_measured"]  # exact, per TP rank
-    for row in rows:  # tools/plan_layout.py --check: within 8.2% at ten layouts
+    assert rows[2]["parameters_predicted"] == rows[2]["parameters_measured"]  # base + adapters, exact
+    model = ModelConfig(**plan_layout.CHECK_MODEL)
+    adapters = estimate(model, Layout(2, 1, 1), lora, vocab_size=plan_layout.CHECK_VOCAB).parameters - rows[0]["parameters_predicted"]
+    assert rows[2]["optimizer_parameters"] == adapters > 0  # the optimizer holds the adapters only
+    for row in rows:  # tools/plan_layout.py --check: within 8.2% at twelve layouts
         assert abs(row["error"]) < 0.10, row
 
 

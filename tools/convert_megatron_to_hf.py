@@ -25,12 +25,15 @@ def main(argv: list[str] | None = None) -> int:
                         "warns with the log-prob change")
     p.add_argument("--model-type", choices=["llama", "mistral", "qwen2", "qwen3"],
                    help="default: the source HF config's, else inferred from the model shape")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="LoRA checkpoints: write a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) "
+                        "instead of the merged model")
     args = p.parse_args(argv)
 
     from mmpo_megatron.convert import convert_megatron_to_hf, run_cli
 
     return run_cli(lambda: convert_megatron_to_hf(args.checkpoint, args.output, dtype=args.dtype,
-                                                  model_type=args.model_type))
+                                                  model_type=args.model_type, adapter_only=args.adapter_only))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ pipeline stage (mmpo_megatron/model/memory_plan.py says what each holds).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mmpo_megatron.config import LORA_PROJECTIONS, REFERENCE_MODES, lora_projections  # noqa: E402
 from mmpo_megatron.model.memory_plan import GIB, Layout, Workload, estimate, gib, plan  # noqa: E402
 
 
@@ -38,8 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"tokens a sequence is padded to (default {Workload.max_length}: data.max_length's)")
     p.add_argument("--micro-batch-size", type=int, default=1, help="pairs per micro-batch")
     p.add_argument("--global-batch-size", type=int, default=128, help="pairs per optimizer step")
-    p.add_argument("--reference", default="precompute", choices=["precompute", "resident", "cpu_swap"])
+    p.add_argument("--reference", default="precompute", choices=[m for m in REFERENCE_MODES if m != "auto"])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--lora-rank", type=int, default=0, help="model.lora.rank (0: full fine-tuning)")
+    p.add_argument("--lora-targets", nargs="+", default=list(LORA_PROJECTIONS),
+                   help="model.lora.target_modules (PEFT names or linear_qkv/linear_proj/linear_fc1/linear_fc2)")
     p.add_argument("--top", type=int, default=10, help="rows to print")
     p.add_argument("--json", help="write the table here")
     p.add_argument("--check", action="store_true", help="measure small shapes on CPU against the prediction")
@@ -67,7 +72,8 @@ def table(model, args) -> list[dict]:
     """The planner's rows for the command line's model and workload."""
     work = Workload(micro_batch_size=args.micro_batch_size, max_length=args.max_length,
                     global_batch_size=args.global_batch_size, dtype=args.dtype, reference=args.reference,
-                    fused_logprob_chunk=model.fused_logprob_chunk)
+                    fused_logprob_chunk=model.fused_logprob_chunk, lora_rank=args.lora_rank,
+                    lora_projections=lora_projections(args.lora_targets))
     rows = []
     for row in plan(model, args.gpus, args.gpu_memory, work):
         e = row.estimate
@@ -94,7 +100,8 @@ def print_table(rows: list[dict], title: str) -> None:
 CHECK_MODEL = dict(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=688,
                    max_position_embeddings=512, make_vocab_size_divisible_by=16, fused_logprob_chunk=256)
 CHECK_VOCAB = 263  # the embedded tokenizer's size
-CHECK_LAYOUTS = [  # (world, layout, layer spec)
+CHECK_WORK = Workload(micro_batch_size=2, max_length=256, global_batch_size=8, dtype="fp32", fused_logprob_chunk=256)
+CHECK_LAYOUTS = [  # (world, layout, layer spec[, workload])
     (1, Layout(1, 1, 1), "local"),
     (1, Layout(1, 1, 1, recompute="selective"), "local"),
     (1, Layout(1, 1, 1), "local_sdpa"),
@@ -106,8 +113,8 @@ CHECK_LAYOUTS = [  # (world, layout, layer spec)
     (2, Layout(2, 1, 1, sequence_parallel=False), "local"),
     (2, Layout(1, 2, 1), "local"),
     (2, Layout(1, 1, 2), "local"),
+    (2, Layout(2, 1, 1), "local", dataclasses.replace(CHECK_WORK, lora_rank=16)),  # LoRA on every projection, SP
 ]
-CHECK_WORK = Workload(micro_batch_size=2, max_length=256, global_batch_size=8, dtype="fp32", fused_logprob_chunk=256)
 
 
 def live_tensor_bytes() -> int:
@@ -133,8 +140,8 @@ def measure(layout: Layout, layer_spec: str, model_fields: dict, work: Workload,
     tensors alive before it (weights, gradient buffers, optimizer state) plus its peak above them."""
     import torch
 
-    from mmpo_megatron.config import (DataConfig, ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig,
-                                      TrainConfig, TrainerConfig)
+    from mmpo_megatron.config import (DataConfig, LoraConfig, ModelConfig, OptimConfig, ParallelConfig,
+                                      PrecisionConfig, ReferenceConfig, TrainConfig, TrainerConfig)
     from mmpo_megatron.memory import track_peak_memory
     from mmpo_megatron.model.preference_model import MegatronPreferenceModel
     from mmpo_megatron.model.reference import ReferenceSource
@@ -146,16 +153,19 @@ def measure(layout: Layout, layer_spec: str, model_fields: dict, work: Workload,
                 micro.ref_chosen = torch.zeros(micro.batch.num_pairs)
                 micro.ref_rejected = torch.zeros(micro.batch.num_pairs)
 
+    lora = LoraConfig(rank=work.lora_rank, target_modules=list(work.lora_projections))
     cfg = TrainConfig(
         device="cpu",
         model=ModelConfig(**model_fields, layer_spec=layer_spec, recompute=layout.recompute,
-                          recompute_method=layout.recompute_method, recompute_num_layers=layout.recompute_num_layers),
+                          recompute_method=layout.recompute_method, recompute_num_layers=layout.recompute_num_layers,
+                          lora=lora),
         parallel=ParallelConfig(tensor_parallel=layout.tensor_parallel, pipeline_parallel=layout.pipeline_parallel,
                                 virtual_pipeline=layout.virtual_pipeline, sequence_parallel=layout.sequence_parallel),
         precision=PrecisionConfig(dtype=work.dtype),
         data=DataConfig(max_length=work.max_length, pad_to_multiple=8),
         optim=OptimConfig(lr=1e-4, warmup_ratio=0.0),
         train=TrainerConfig(global_batch_size=work.global_batch_size, micro_batch_size=work.micro_batch_size),
+        reference=ReferenceConfig(mode="precompute"),  # ZeroReference below stands for any
     )
     ranks = initialize_parallel(cfg.parallel)
     try:
@@ -176,27 +186,32 @@ def measure(layout: Layout, layer_spec: str, model_fields: dict, work: Workload,
         with track_peak_memory("cpu") as peak:
             model.train_step(model.micro_batches(pairs, positions))
         parameters = sum(p.numel() for chunk in model.chunks for p in chunk.parameters())
+        trained = sum(p.numel() for g in model.optimizer.param_groups for p in g["params"])
         return {"static": static, "peak": peak.peak_bytes, "measured": static + peak.peak_bytes,
-                "parameters": parameters, "pipeline_rank": ranks.pipeline_rank}
+                "parameters": parameters, "pipeline_rank": ranks.pipeline_rank, "optimizer_parameters": trained}
     finally:
         destroy_parallel()
 
 
 def check(layouts=CHECK_LAYOUTS, model_fields=CHECK_MODEL, work=CHECK_WORK, vocab_size=CHECK_VOCAB) -> list[dict]:
-    """Predicted vs measured per-rank memory (the most loaded rank) at each layout, on CPU."""
+    """Predicted vs measured per-rank memory (the most loaded rank) at each layout, on CPU. A layout
+    entry may carry its own Workload as a fourth item (a LoRA row)."""
     from mmpo_megatron.config import ModelConfig
     from mmpo_megatron.parallel.testing import run_on_ranks
 
     rows = []
-    for world, layout, spec in layouts:
-        per_rank = run_on_ranks(measure, world, layout, spec, model_fields, work, vocab_size)
+    for world, layout, spec, *own in layouts:
+        work_here = own[0] if own else work
+        per_rank = run_on_ranks(measure, world, layout, spec, model_fields, work_here, vocab_size)
         worst = max(per_rank, key=lambda r: r["measured"])
-        predicted = estimate(ModelConfig(**model_fields, layer_spec=spec), layout, work, vocab_size=vocab_size)
-        rows.append({"layout": layout.describe(), "recompute": layout.describe_recompute(), "layer_spec": spec,
+        predicted = estimate(ModelConfig(**model_fields, layer_spec=spec), layout, work_here, vocab_size=vocab_size)
+        lora = f", LoRA r={work_here.lora_rank}" if work_here.lora_rank else ""
+        rows.append({"layout": layout.describe(), "recompute": layout.describe_recompute() + lora, "layer_spec": spec,
                      "predicted": predicted.total, "measured": worst["measured"],
                      "error": predicted.total / worst["measured"] - 1,
                      "parameters_predicted": predicted.parameters,
-                     "parameters_measured": max(r["parameters"] for r in per_rank)})
+                     "parameters_measured": max(r["parameters"] for r in per_rank),
+                     "optimizer_parameters": max(r["optimizer_parameters"] for r in per_rank)})
     return rows
 
 

@@ -51,12 +51,12 @@ def score_pairs(args: argparse.Namespace) -> dict | None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from mmpo_megatron.config import DataConfig, DataSourceConfig, LossConfig, ModelConfig, ParallelConfig, PrecisionConfig
+    from mmpo_megatron.config import DataConfig, DataSourceConfig, LossConfig, ParallelConfig, PrecisionConfig
     from mmpo_megatron.data.pipeline import build_pairs, held_out_split
     from mmpo_megatron.data.tokenizer import load_tokenizer
     from mmpo_megatron.model.builder import build_model_chunks
     from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
-    from mmpo_megatron.model.checkpoint import TRAINER_STATE, load_weights, resolve_checkpoint
+    from mmpo_megatron.model.checkpoint import TRAINER_STATE, load_weights, resolve_checkpoint, saved_model_config
     from mmpo_megatron.model.objective import objective_for
     from mmpo_megatron.model.preference_model import MegatronPreferenceModel
     from mmpo_megatron.model.schedule import HeadAndMask
@@ -82,7 +82,7 @@ def score_pairs(args: argparse.Namespace) -> dict | None:
         )
         tokenizer = load_tokenizer(data.tokenizer)
         pairs, report = build_pairs(data.train, tokenizer, data)
-        model = ModelConfig(**state["model"])
+        model = saved_model_config(state)
         precision = PrecisionConfig(**train_cfg.get("precision", {}))
 
         def scores_of(path):

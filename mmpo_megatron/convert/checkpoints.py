@@ -196,27 +196,35 @@ def convert_hf_to_megatron(
 
 
 def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype: str = "auto",
-                           model_type: str | None = None, shard_bytes: int = 5 * 2**30) -> Path:
+                           model_type: str | None = None, shard_bytes: int = 5 * 2**30, adapter_only: bool = False) -> Path:
     """Write safetensors shards, config.json and the tokenizer from a (trainer or converted) checkpoint.
 
     ``dtype="auto"`` keeps the dtype the trained parameters were saved in; forcing bf16 onto fp32
-    weights warns with the log-prob change the rounding causes.
+    weights warns with the log-prob change the rounding causes. A LoRA checkpoint exports merged
+    (W + alpha / r * B A in fp32, stored in the base's dtype), or with ``adapter_only`` as a PEFT
+    adapter folder for its base model.
     """
     from safetensors.torch import save_file
 
     from mmpo_megatron.model.builder import unwrap
-    from mmpo_megatron.model.checkpoint import TRAINER_STATE, load_weights, resolve_checkpoint
+    from mmpo_megatron.model.checkpoint import (LORA_BASE, TRAINER_STATE, load_weights, resolve_checkpoint,
+                                                saved_model_config)
+    from mmpo_megatron.model.lora import adapter_tensors, merge_adapters, write_peft_adapter
 
     path = resolve_checkpoint(checkpoint)
     state = json.loads((path / TRAINER_STATE).read_text())
-    model = ModelConfig(**state["model"])
+    model = saved_model_config(state)
     model.vocab_size = state.get("vocab_size", model.vocab_size)
-    source_hf = json.loads((path / HF_CONFIG).read_text()) if (path / HF_CONFIG).exists() else None
+    base = (state.get(LORA_BASE) or {}).get("weights")
+    if adapter_only and not model.lora.enabled:
+        raise ConversionError(f"--adapter-only: {path} was not trained with LoRA (model.lora.rank is 0)")
+    weights_dir = resolve_checkpoint(base) if base else path  # where the base weights (and their metadata) are
+    source_hf = json.loads((weights_dir / HF_CONFIG).read_text()) if (weights_dir / HF_CONFIG).exists() else None
     model_type = model_type or (source_hf or {}).get("model_type") or ("qwen3" if model.qk_norm else "qwen2" if model.qkv_bias else "llama")
     output = Path(output)
     if output.exists():
         raise ConversionError(f"{output} already exists; choose a new output folder")
-    saved = saved_weight_dtype(path)
+    saved = saved_weight_dtype(weights_dir)
     dtype = saved if dtype == "auto" else dtype
     narrowing = saved == "fp32" and dtype == "bf16"
     print(f"export dtype: {dtype} (the checkpoint's weights are {saved})", flush=True)
@@ -224,12 +232,21 @@ def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype:
     # of the weights in RAM, plus one shard being written.
     chunks = _single_process_chunks(model, saved if narrowing else dtype, model.vocab_size)
     load_weights(path, chunks)  # any saved TP/PP layout; optimizer state is not read
+    if model.lora.enabled and adapter_only:
+        tmp = output.with_name(output.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_peft_adapter(tmp, model.lora, adapter_tensors(chunks), base_model=base)
+        tmp.rename(output)
+        return output
+    if model.lora.enabled:
+        print(f"LoRA: merged {merge_adapters(chunks)} adapted linears into the base weights", flush=True)
     if narrowing:
         change = _rounding_logprob_change(chunks[0], model.vocab_size)
         print(f"warning: --dtype bf16 rounds this checkpoint's fp32 weights: summed log-probs of 4 random 32-token "
               f"sequences move by up to {change:.3g} nats (a fine-tune's small updates can vanish); "
               f"--dtype auto keeps fp32", file=sys.stderr, flush=True)
-    weights = {k: v for k, v in unwrap(chunks[0]).state_dict().items() if not k.endswith("_extra_state")}
+    weights = {k: v for k, v in unwrap(chunks[0]).state_dict().items()
+               if not k.endswith("_extra_state") and ".lora." not in k}
     torch_dtype = _TORCH_DTYPES[dtype]
     tmp = output.with_name(output.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -266,7 +283,7 @@ def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype:
         if source_hf:  # keep what we do not model (token ids, names) from the original config
             config = {**source_hf, **config}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        _write_tokenizer(path, state, tmp)
+        _write_tokenizer(weights_dir if base and not (path / "tokenizer").is_dir() else path, state, tmp)
         tmp.rename(output)
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)

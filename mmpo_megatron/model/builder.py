@@ -20,6 +20,7 @@ from mmpo_megatron.config import (  # noqa: F401  (padded_vocab_size, validate_l
     validate_layout,
 )
 from mmpo_megatron.data.packing import PackedBatch, packed_causal_mask
+from mmpo_megatron.model.lora import add_lora, read_peft_adapter
 
 
 def resolve_dtype(precision: PrecisionConfig, device: str) -> torch.dtype:
@@ -196,6 +197,7 @@ def build_model_chunks(
 
     validate_layout(model, parallel)
     config = transformer_config(model, parallel, precision, device, initialize)
+    initial_adapters = read_peft_adapter(model.lora.init_from)[1] if model.lora.enabled and model.lora.init_from else None
     chunks = []
     vpp = parallel.virtual_pipeline
     for stage in range(vpp or 1):
@@ -218,6 +220,8 @@ def build_model_chunks(
         )
         if gpt.post_process and model.fused_logprob_chunk > 0:
             _defer_output_layer(gpt)
+        if model.lora.enabled:
+            add_lora(gpt, model.lora, seed=seed, initial=initial_adapters)
         gpt.to(device)
         chunks.append(Float16Module(config, gpt) if config.bf16 else gpt)
     return chunks

@@ -9,17 +9,21 @@ one. Model weights reshard on load (any TP/PP); optimizer state resumes under th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from mmpo_megatron.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +121,37 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 EXTRA_STATE = "_extra_state"  # modules' non-tensor state: Transformer Engine's FP8 scaling history
+LORA_BASE = "lora_base"  # trainer_state.json: the base weights an adapters-only checkpoint trained on
 
 
-def _model_state(chunks: Sequence[torch.nn.Module], parameters_only: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Parts:
+    """Which parts of the model a checkpoint save or load covers: the base weights, the LoRA
+    adapters (model/lora.py), the modules' extra state."""
+
+    base: bool = True
+    adapters: bool = True
+    extra_state: bool = True
+
+    def keeps(self, key: str) -> bool:
+        """Whether a model state-dict key is covered."""
+        from mmpo_megatron.model.lora import ADAPTER
+
+        if key.endswith(EXTRA_STATE) and not self.extra_state:
+            return False
+        return self.adapters if f".{ADAPTER}." in key else self.base
+
+
+EVERYTHING = Parts()
+ADAPTERS_ONLY = Parts(base=False, extra_state=False)
+
+
+def _model_state(chunks: Sequence[torch.nn.Module], parts: Parts = EVERYTHING) -> dict[str, Any]:
     # Names from the bare GPTModel: a checkpoint must not depend on DDP / Float16Module wrappers.
     from mmpo_megatron.model.builder import unwrap
 
     def state(chunk):
-        full = unwrap(chunk).sharded_state_dict()
-        return {k: v for k, v in full.items() if not k.endswith(EXTRA_STATE)} if parameters_only else full
+        return {k: v for k, v in unwrap(chunk).sharded_state_dict().items() if parts.keeps(k)}
 
     if len(chunks) == 1:
         return {"model": state(chunks[0])}
@@ -133,24 +159,98 @@ def _model_state(chunks: Sequence[torch.nn.Module], parameters_only: bool = Fals
 
 
 def _load_model_state(chunks: Sequence[torch.nn.Module], loaded: dict[str, Any], masters_of=None,
-                      parameters_only: bool = False) -> None:
+                      parts: Parts = EVERYTHING) -> None:
     """Every weight load goes through here. ``masters_of``: an optimizer whose fp32 master weights
     are then re-derived from the loaded parameters (under bf16 its next step would otherwise copy
     the masters' old values over them). Not for an optimizer whose own saved state is loaded: that
-    state holds the fp32 masters (and dist_checkpointing may have loaded them in place already)."""
+    state holds the fp32 masters (and dist_checkpointing may have loaded them in place already).
+    A load of some ``parts`` leaves the others as they are."""
     from mmpo_megatron.model.builder import unwrap
     from mmpo_megatron.model.optimizer import refresh_masters
 
     for i, chunk in enumerate(chunks):
         state = loaded["model" if len(chunks) == 1 else f"model{i}"]
-        if not parameters_only:
+        if parts == EVERYTHING:
             unwrap(chunk).load_state_dict(state)
             continue
         missing, unexpected = unwrap(chunk).load_state_dict(state, strict=False)
-        if unexpected or any(not name.endswith(EXTRA_STATE) for name in missing):
-            raise RuntimeError(f"weights-only load: missing {missing}, unexpected {unexpected}")
+        if unexpected or any(parts.keeps(name) for name in missing):
+            raise RuntimeError(f"loading {parts}: missing {[n for n in missing if parts.keeps(n)]}, unexpected {unexpected}")
     if masters_of is not None:
         refresh_masters(masters_of)
+
+
+def checkpoint_parts(path: str | Path, chunks: Sequence[torch.nn.Module]) -> Parts:
+    """What of this model the checkpoint at ``path`` holds: base weights, adapters, or both."""
+    from megatron.core import dist_checkpointing
+
+    from mmpo_megatron.model.lora import ADAPTER, has_lora
+
+    keys = [k for k in dist_checkpointing.load_tensors_metadata(str(path)) if not k.startswith("optimizer.")]
+    with_adapters = any(f".{ADAPTER}." in k for k in keys)
+    with_base = any(f".{ADAPTER}." not in k for k in keys)
+    if with_adapters and not has_lora(chunks):
+        raise ConfigError(f"checkpoint {path} holds LoRA adapters, and this model has none: build it with the "
+                          f"run's model.lora settings (trainer_state.json, 'model')")
+    if not with_base and not with_adapters:
+        raise DamagedCheckpointError(f"checkpoint {path} holds no weights")
+    return Parts(base=with_base, adapters=with_adapters and has_lora(chunks))
+
+
+def saved_model_config(trainer_state: dict[str, Any]):
+    """The ModelConfig a checkpoint was trained with (trainer_state.json's ``model``). Its LoRA
+    adapters are in the checkpoint: ``lora.init_from`` (where they started) is not read again."""
+    from dataclasses import replace
+
+    from mmpo_megatron.config import ModelConfig
+
+    model = ModelConfig(**trainer_state["model"])
+    return replace(model, lora=replace(model.lora, init_from=None))
+
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """A content fingerprint of a dist checkpoint's weight files: names, sizes and their first and
+    last 64 KiB. The same after a copy or a move; different for other weights of the same shape."""
+    path = resolve_checkpoint(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file() and (p.suffix == ".distcp" or p.name == ".metadata")):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as handle:
+            digest.update(handle.read(65536))
+            handle.seek(max(0, size - 65536))
+            digest.update(handle.read(65536))
+    return digest.hexdigest()[:16]
+
+
+def lora_base_record(base: str | Path | None) -> dict[str, Any]:
+    """What an adapters-only checkpoint records of its base weights (trainer_state.json)."""
+    if base is None:
+        return {"weights": None, "fingerprint": None}
+    resolved = resolve_checkpoint(base)
+    return {"weights": str(resolved.resolve()), "fingerprint": checkpoint_fingerprint(resolved)}
+
+
+def check_lora_base(checkpoint: Path, base: str | Path | None) -> None:
+    """Stop unless ``base`` holds the weights the adapters of ``checkpoint`` trained on."""
+    recorded = json.loads((Path(checkpoint) / TRAINER_STATE).read_text()).get(LORA_BASE)
+    if recorded is None:
+        return
+    if base is None or checkpoint_fingerprint(base) != recorded["fingerprint"]:
+        found = "none" if base is None else f"{base} (fingerprint {checkpoint_fingerprint(base)})"
+        raise ConfigError(f"checkpoint.load_weights: the LoRA adapters in {checkpoint} trained on the base weights "
+                          f"{recorded['weights']} (fingerprint {recorded['fingerprint']}); this run's base is {found}. "
+                          f"Resume with the same base, or start a new train.output_dir")
+
+
+def _load_recorded_base(path: Path, chunks: Sequence[torch.nn.Module], optimizer) -> None:
+    """Before an adapters-only checkpoint: the base weights it records (fingerprint checked)."""
+    recorded = json.loads((path / TRAINER_STATE).read_text()).get(LORA_BASE) or {}
+    base = recorded.get("weights")
+    if base is None:
+        raise ConfigError(f"checkpoint {path} holds LoRA adapters only and records no base weights to load under them")
+    check_lora_base(path, base)
+    load_weights(base, chunks, optimizer)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -173,10 +273,11 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     *,
     keep_last: int,
+    parts: Parts = EVERYTHING,
 ) -> Path:
     """Save atomically (temporary name, renamed when complete); prune to the newest ``keep_last``."""
     root = Path(root)
-    final = save_to(step_dir(root, step), chunks, optimizer, {**trainer_state, "step": step})
+    final = save_to(step_dir(root, step), chunks, optimizer, {**trainer_state, "step": step}, parts)
     if dist.get_rank() == 0:
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -184,7 +285,8 @@ def save_checkpoint(
     return final
 
 
-def save_to(final: Path, chunks: Sequence[torch.nn.Module], optimizer, trainer_state: dict[str, Any]) -> Path:
+def save_to(final: Path, chunks: Sequence[torch.nn.Module], optimizer, trainer_state: dict[str, Any],
+            parts: Parts = EVERYTHING) -> Path:
     """Write a checkpoint folder under a temporary name and rename it when every rank is done."""
     from megatron.core import dist_checkpointing
 
@@ -196,7 +298,7 @@ def save_to(final: Path, chunks: Sequence[torch.nn.Module], optimizer, trainer_s
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
-    state = _model_state(chunks)
+    state = _model_state(chunks, parts)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
     dist_checkpointing.save(state, str(tmp))
@@ -214,16 +316,20 @@ def save_to(final: Path, chunks: Sequence[torch.nn.Module], optimizer, trainer_s
 
 
 def load_weights(path: str | Path, chunks: Sequence[torch.nn.Module], optimizer=None, *,
-                 parameters_only: bool = False) -> Path:
+                 extra_state: bool = True) -> Path:
     """Load model weights only (any TP/PP layout of the saved checkpoint); the optimizer's master
-    weights, if one is given, follow them. ``parameters_only``: leave the modules' extra state
-    (FP8 scaling history) as it is."""
+    weights, if one is given, follow them. A base checkpoint under a LoRA model loads the base and
+    leaves the adapters as they are; an adapters-only checkpoint loads its recorded base first.
+    ``extra_state=False`` leaves the modules' extra state (FP8 scaling history) as it is."""
     from megatron.core import dist_checkpointing
 
     path = resolve_checkpoint(path)
-    state = _model_state(chunks, parameters_only)
-    _load_model_state(chunks, dist_checkpointing.load(state, str(path)), masters_of=optimizer,
-                      parameters_only=parameters_only)
+    found = checkpoint_parts(path, chunks)
+    if not found.base:
+        _load_recorded_base(path, chunks, optimizer)
+    parts = Parts(base=found.base, adapters=found.adapters, extra_state=extra_state)
+    state = _model_state(chunks, parts)
+    _load_model_state(chunks, dist_checkpointing.load(state, str(path)), masters_of=optimizer, parts=parts)
     return path
 
 
@@ -234,7 +340,10 @@ def load_checkpoint(path: str | Path, chunks: Sequence[torch.nn.Module], optimiz
     path = Path(path)
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
     same_layout = trainer_state.get("layout") == layout_state()
-    state = _model_state(chunks)
+    parts = checkpoint_parts(path, chunks)
+    if not parts.base:
+        _load_recorded_base(path, chunks, None)
+    state = _model_state(chunks, parts)
     if optimizer is not None and same_layout:
         _prepare_optimizer_for_load(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
@@ -243,7 +352,7 @@ def load_checkpoint(path: str | Path, chunks: Sequence[torch.nn.Module], optimiz
     except Exception as exc:  # megatron raises several types; which folder failed is what matters
         raise DamagedCheckpointError(f"checkpoint {path} could not be loaded ({type(exc).__name__}: {exc}); move it "
                                      f"aside to resume from the one before it") from exc
-    _load_model_state(chunks, loaded, masters_of=None if same_layout else optimizer)
+    _load_model_state(chunks, loaded, masters_of=None if same_layout else optimizer, parts=parts)
     if optimizer is not None:
         if same_layout:
             _schedule_peaks_from(optimizer, loaded["optimizer"])

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmpo_megatron.config import RECOMPUTE_GRANULARITIES, DataConfig, ModelConfig, TrainConfig, padded_vocab_size
+from mmpo_megatron.config import (LORA_PROJECTIONS, RECOMPUTE_GRANULARITIES, DataConfig, ModelConfig, TrainConfig,
+                                  padded_vocab_size)
 
 GIB = 2**30
 
@@ -84,13 +85,16 @@ class Workload:
     reference: str = "precompute"
     fused_logprob_chunk: int = 1024
     distributed_optimizer: bool = True
+    lora_rank: int = 0  # model.lora.rank: 0 is full fine-tuning
+    lora_projections: tuple[str, ...] = LORA_PROJECTIONS  # model.lora's targets, as HF projection names
 
     @classmethod
     def of(cls, cfg: TrainConfig) -> "Workload":
         """What a training config feeds the model (bf16 unless it asks for fp32)."""
         return cls(cfg.train.micro_batch_size, cfg.data.max_length, cfg.train.global_batch_size,
                    "fp32" if cfg.precision.dtype == "fp32" else "bf16", cfg.reference.mode,
-                   cfg.model.fused_logprob_chunk, cfg.optim.distributed_optimizer)
+                   cfg.model.fused_logprob_chunk, cfg.optim.distributed_optimizer, cfg.model.lora.rank,
+                   cfg.model.lora.projections if cfg.model.lora.enabled else LORA_PROJECTIONS)
 
     @property
     def bytes_per_value(self) -> int:
@@ -133,6 +137,24 @@ def layer_parameters(model: ModelConfig, tp: int) -> int:
     mlp = h * f * (2 if model.swiglu else 1) + f * h
     norms = 2 * h * (2 if model.normalization == "LayerNorm" else 1) + (2 * d if model.qk_norm else 0)
     return (qkv + q * h + mlp) // tp + norms
+
+
+def _projection_shapes(model: ModelConfig) -> dict[str, tuple[int, int, bool]]:
+    """HF projection -> (input, output, column-parallel base) of one layer, whole."""
+    h, d, f = model.hidden_size, _head_dim(model), model.ffn_hidden_size or 4 * model.hidden_size
+    q, kv = model.num_attention_heads * d, model.query_groups * d
+    return {"q_proj": (h, q, True), "k_proj": (h, kv, True), "v_proj": (h, kv, True), "o_proj": (q, h, False),
+            "gate_proj": (h, f, True), "up_proj": (h, f, True), "down_proj": (f, h, False)}
+
+
+def layer_adapter_parameters(model: ModelConfig, tp: int, rank: int, projections: tuple[str, ...]) -> int:
+    """LoRA parameters of one layer on one TP rank (model/lora.py: a column base splits B by rows
+    and keeps A whole, a row base splits A by columns and keeps B whole)."""
+    total = 0
+    for name in projections:
+        inputs, outputs, column = _projection_shapes(model)[name]
+        total += rank * inputs + outputs * rank // tp if column else rank * inputs // tp + outputs * rank
+    return total
 
 
 def stage_parameters(model: ModelConfig, tp: int, pp: int, vocab_size: int) -> list[int]:
@@ -184,6 +206,14 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout, work: Workload, l
     # Selective recompute re-runs the core attention from its saved q, k, v: it drops only what the
     # core attention keeps inside (the local spec's probabilities; a flash-style kernel keeps
     # nothing of that size). Its output stays: linear_proj saves it as its input.
+    if work.lora_rank:
+        # LoRA: each adapter keeps its r-wide hidden; under SP the column adapters' gathered input
+        # (qkv, fc1) is a copy of its own (the base keeps the split one and gathers again).
+        chosen = work.lora_projections
+        gathered = {"linear_qkv": any(p in chosen for p in ("q_proj", "k_proj", "v_proj")),
+                    "linear_fc1": any(p in chosen for p in ("gate_proj", "up_proj"))}
+        parts["lora adapters"] = tokens * work.lora_rank * e * len(chosen) + (
+            sum(gathered.values()) * tokens * h * e if sp > 1 else 0)
     return parts
 
 
@@ -245,6 +275,10 @@ def estimate(model: ModelConfig, layout: Layout, work: Workload, *, vocab_size: 
     # method the peak is the larger of the backward's start (the layers not recomputed, plus that
     # half) and a recomputed layer's backward.
     working = whole_layer
+    if work.lora_rank:
+        # Frozen base weights get no gradients: the backward's working set is smaller (fitted on
+        # CPU at TP=1 and TP=2 without SP: 0.7 of a layer's set; the SP row checks it).
+        working *= 0.7
     if layout.recompute == "full":
         count = min(layout.recompute_num_layers, layers // chunks)
         if layout.recompute_method == "uniform":
@@ -257,17 +291,20 @@ def estimate(model: ModelConfig, layout: Layout, work: Workload, *, vocab_size: 
     if layout.recompute == "selective" and layer_spec == "local":
         working += scores
     scratch = scores if layer_spec == "local" else 0.0
+    adapters = layer_adapter_parameters(model, tp, work.lora_rank, work.lora_projections) * layers if work.lora_rank else 0
     best = None
     for index, params in enumerate(stages):
-        optimizer = params * moments / (dp if work.distributed_optimizer else 1)
+        # Under LoRA only the adapters have gradients and optimizer state; the base weights are frozen.
+        trainable = adapters if work.lora_rank else params
+        optimizer = trainable * moments / (dp if work.distributed_optimizer else 1)
         in_flight = in_flight_microbatches(layout, microbatches) if index == 0 else 1.0
         kept = sum(kept_per_microbatch.values()) * in_flight
         activations = kept + working + scratch
         last = index == len(stages) - 1
         candidate = MemoryEstimate(
-            weights=params * e, gradients=params * 4, optimizer=optimizer, activations=activations,
+            weights=(params + adapters) * e, gradients=trainable * 4, optimizer=optimizer, activations=activations,
             head=head_bytes(model, layout, work, vocab_size) if last else 0.0,
-            reference=params * e if work.reference == "resident" else 0.0, parameters=params,
+            reference=params * e if work.reference == "resident" else 0.0, parameters=params + adapters,
             parts={**{name: value * in_flight for name, value in kept_per_microbatch.items()},
                    "backward working set": working, "attention scratch buffer": scratch},
         )

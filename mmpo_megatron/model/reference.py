@@ -7,6 +7,7 @@
 - ``cpu_swap``: the reference weights wait in (pinned) CPU memory and are copied into the
   policy's own parameters for the reference forward, then the policy's weights are copied back
   (NeMo-Aligner's cpu_weight_swap): an online reference with no second copy on the device.
+- ``adapters_off`` (LoRA): the policy's own chunks with their adapters switched off, the base.
 
 Each source fills ``ref_chosen``/``ref_rejected`` of a step's micro-batches on the last pipeline
 stage (``fill``) and scores a whole data set (``score``, for evaluation).
@@ -25,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from mmpo_megatron.model.builder import unwrap
-from mmpo_megatron.model.checkpoint import load_weights
+from mmpo_megatron.model.checkpoint import checkpoint_parts, load_weights, resolve_checkpoint
+from mmpo_megatron.model.lora import adapters_disabled, has_lora, reset_adapters
 from mmpo_megatron.model.schedule import MicroBatch, score_microbatches
 from mmpo_megatron.pair_logprobs import PairLogProbs
 
@@ -33,9 +35,6 @@ if TYPE_CHECKING:  # types only: model/preference_model.py imports this module a
     from mmpo_megatron.model.preference_model import MegatronPreferenceModel
 
 log = logging.getLogger(__name__)
-
-REFERENCE_MODES = ("precompute", "resident", "cpu_swap")
-
 
 def fingerprint(*parts) -> str:
     """A short stable hash of JSON-able parts (data fingerprint, weights identity, model shape...)."""
@@ -124,6 +123,23 @@ class ResidentReference(ReferenceSource):
         return model.score(pairs, chunks=self.chunks)
 
 
+class AdaptersOffReference(ReferenceSource):
+    """Under LoRA: the policy's own chunks with every adapter switched off are the base model, the
+    reference (no copy, no swap, no cache; NeMo-Aligner and TRL do the same)."""
+
+    def fill(self, model: "MegatronPreferenceModel", micro_batches: Sequence[MicroBatch]) -> None:
+        """Run the policy's chunks on the step's micro-batches with the adapters off."""
+        with model.updated_weights(), adapters_disabled(model.chunks):
+            scored = score_microbatches(model.chunks, micro_batches, model.head_and_mask)
+        if model.last_stage:
+            _set(micro_batches, scored)
+
+    def score(self, model: "MegatronPreferenceModel", pairs) -> PairLogProbs | None:
+        """Score a data set with the adapters off."""
+        with adapters_disabled(model.chunks):
+            return model.score(pairs)
+
+
 class CpuSwapReference(ReferenceSource):
     """Reference weights in CPU memory (pinned where a GPU is used), swapped into the policy's
     parameters for each reference forward and back; the policy's weights wait in a CPU buffer."""
@@ -179,14 +195,17 @@ class CpuSwapReference(ReferenceSource):
 @contextlib.contextmanager
 def checkpoint_weights_in(model: "MegatronPreferenceModel", source) -> Iterator[list[torch.nn.Module]]:
     """The policy's chunks hold the weights of checkpoint ``source`` inside the block and their own,
-    bit for bit, after it; meanwhile the policy's weights wait in CPU memory. Another set of
+    bit for bit, after it; meanwhile the policy's weights wait in CPU memory. Under LoRA, base
+    weights come with the adapters' starting values (a LoRA checkpoint brings its own adapters). Another set of
     weights to read or score without a second model on the device (a 70B layout has no room for
     one). Only parameters are loaded: the optimizer, its fp32 masters and the modules' extra state
     (FP8 scaling history) stay the policy's."""
     with model.updated_weights():
         policy = [_cpu_copy(chunk) for chunk in model.chunks]
         try:
-            load_weights(source, model.chunks, parameters_only=True)
+            load_weights(source, model.chunks, extra_state=False)
+            if has_lora(model.chunks) and not checkpoint_parts(resolve_checkpoint(source), model.chunks).adapters:
+                reset_adapters(model.chunks)  # base weights: with the run's starting adapters
             yield model.chunks
         finally:
             with torch.no_grad():

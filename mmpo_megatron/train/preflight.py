@@ -26,7 +26,8 @@ def model_from_hf(model: ModelConfig) -> ModelConfig:
     translated = model_config_from_hf(hf, layer_spec=model.layer_spec)
     return replace(translated, from_hf=model.from_hf, make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
                    fused_logprob_chunk=model.fused_logprob_chunk, recompute=model.recompute,
-                   recompute_method=model.recompute_method, recompute_num_layers=model.recompute_num_layers)
+                   recompute_method=model.recompute_method, recompute_num_layers=model.recompute_num_layers,
+                   lora=model.lora)
 
 
 def tokenizer_length(name: str) -> int:
@@ -46,6 +47,10 @@ def preflight(cfg: TrainConfig, world_size: int) -> TrainConfig:
 
     if cfg.model.from_hf:
         cfg.model = model_from_hf(cfg.model)
+    if cfg.model.lora.enabled and cfg.model.lora.init_from:
+        from mmpo_megatron.model.lora import check_peft_adapter, read_peft_adapter
+
+        check_peft_adapter(cfg.model.lora, read_peft_adapter(cfg.model.lora.init_from)[0])
     cfg.validate_for_world(world_size)
     device = resolve_device(cfg.parallel.device)
     check_runtime_support(cfg.model, cfg.precision, device)

@@ -16,8 +16,8 @@ from mmpo_megatron.data.tokenizer import load_tokenizer
 from mmpo_megatron.model import checkpoint as ckpt
 from mmpo_megatron.model.builder import build_model_chunks, resolve_dtype
 from mmpo_megatron.model.preference_model import MegatronPreferenceModel
-from mmpo_megatron.model.reference import (CpuSwapReference, PrecomputedReference, ReferenceSource, ResidentReference,
-                                          checkpoint_weights_in)
+from mmpo_megatron.model.reference import (AdaptersOffReference, CpuSwapReference, PrecomputedReference,
+                                          ReferenceSource, ResidentReference, checkpoint_weights_in)
 
 
 def prepare_run_folder(cfg: TrainConfig, is_rank0: bool) -> Path:
@@ -113,6 +113,8 @@ def build_reference(cfg: TrainConfig, model: MegatronPreferenceModel, train_pair
     use_policy = policy_is_initial and cfg.reference.checkpoint is None
     source = cfg.reference.checkpoint or cfg.checkpoint.load_weights
     mode = cfg.reference.mode
+    if mode == "adapters_off":
+        return AdaptersOffReference()
     if mode == "resident":
         return ResidentReference(_reference_chunks(cfg, model))
 

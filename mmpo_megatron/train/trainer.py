@@ -58,6 +58,7 @@ class Trainer:
         self.model = MegatronPreferenceModel.from_config(cfg, vocab_size=cfg.model.vocab_size or len(self.tokenizer),
                                                          pad_id=self.tokenizer.pad_token_id, total_steps=self.total_steps)
         self.records: list[dict[str, Any]] = []
+        self._lora_base: dict[str, Any] | None = None  # what adapters-only checkpoints record of their base
 
     def train(self) -> list[dict[str, Any]]:
         """Resume or load starting weights, then step until ``total_steps``; returns the records."""
@@ -110,6 +111,8 @@ class Trainer:
                 if self.is_rank0:
                     print(f"policy weights loaded from {loaded}", flush=True)
             return 0, 0, 0, False
+        if cfg.model.lora.enabled:  # adapters-only checkpoints name the base they trained on
+            ckpt.check_lora_base(resume_from, cfg.checkpoint.load_weights)
         state = self.model.resume(resume_from)
         step = state["step"]
         if self.is_rank0:
@@ -146,7 +149,13 @@ class Trainer:
         cfg = self.cfg
         state = {"consumed_samples": consumed, "skipped_steps": skipped, "model": asdict(cfg.model),
                  "tokenizer": cfg.data.tokenizer, "train_config": asdict(cfg)}
-        path = self.model.save(self.out / "checkpoints", step, state, keep_last=cfg.checkpoint.keep_last)
+        parts = ckpt.EVERYTHING
+        if cfg.model.lora.enabled and cfg.checkpoint.load_weights:
+            # The frozen base is already on disk: save the adapters, and which base they go with.
+            if self._lora_base is None:
+                self._lora_base = ckpt.lora_base_record(cfg.checkpoint.load_weights)
+            state[ckpt.LORA_BASE], parts = self._lora_base, ckpt.ADAPTERS_ONLY
+        path = self.model.save(self.out / "checkpoints", step, state, keep_last=cfg.checkpoint.keep_last, parts=parts)
         if self.is_rank0:
             print(f"\ncheckpoint saved: {path}", flush=True)
 
