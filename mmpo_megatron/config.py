@@ -169,7 +169,9 @@ class DataSourceConfig:
     """auto, plain, orca, ultrafeedback, conversational, nemo, or columns (with ``columns``)."""
 
     weight: float = 1.0
-    """Mixing weight relative to the other sources (the paper mixes its two sets 1:1)."""
+    """The fraction of this source an epoch uses (alignment-handbook's dataset_mixer): 1.0 is every
+    pair once, 0.5 a seeded half, 2.0 every pair twice. The paper concatenates its two sets (1.0
+    each). Held-out sources never repeat a pair (a weight above 1 counts as 1)."""
 
     columns: dict[str, str] | None = None
     """For format ``columns``: ``{prompt: ..., chosen: ..., rejected: ...}`` column names."""

@@ -2,6 +2,7 @@
 masks, truncation, bad rows, mixing, sampler determinism/resume, packing, and the demo data."""
 
 import json
+from collections import Counter
 import subprocess
 import sys
 from pathlib import Path
@@ -240,15 +241,30 @@ def test_truncation_keeps_pairs_aligned_and_counts_drops(tmp_path, tok):
     assert pairs[0]["chosen_ids"] == enc(tok, "ok") + [tok.eos_token_id]
 
 
-def test_mixing_by_weight(tmp_path, tok):
-    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "chosen": "x", "rejected": "y"} for i in range(40)])
-    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "chosen": "x", "rejected": "y"} for i in range(40)])
+def test_a_source_weight_is_the_fraction_of_it_an_epoch_uses(tmp_path, tok):
+    """Two local sources of 10 and 6 pairs: 1.0 + 1.0 is their concatenation; 0.5 a seeded half;
+    2.0 every pair twice; held-out sources never repeat a pair; the report says what each gave."""
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "chosen": "x", "rejected": "y"} for i in range(10)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "chosen": "x", "rejected": "y"} for i in range(6)])
     config = DataConfig(max_length=64, max_prompt_length=32, seed=3)
-    mixed, report = build_pairs([DataSourceConfig(path=a, weight=3.0), DataSourceConfig(path=b, weight=1.0)], tok, config)
-    first = mixed.select(range(40))["source"]
-    share_a = sum(s.startswith(str(a)) for s in first) / 40
-    assert 0.6 <= share_a <= 0.9, share_a  # ~3:1
-    assert report.pairs_in == 80 and report.pairs_kept == 80
+
+    def counts(pairs):
+        return Counter(p.split(":")[0].rsplit("/", 1)[-1] for p in pairs["source"])
+
+    plain, report = build_pairs([DataSourceConfig(path=a), DataSourceConfig(path=b)], tok, config)
+    assert counts(plain) == {"a.jsonl": 10, "b.jsonl": 6} and report.pairs_used == 16
+    assert sorted(zip(plain["source"], plain["index"])) == sorted(set(zip(plain["source"], plain["index"])))  # once each
+    weighted, report = build_pairs([DataSourceConfig(path=a, weight=0.5), DataSourceConfig(path=b, weight=2.0)], tok, config)
+    assert counts(weighted) == {"a.jsonl": 5, "b.jsonl": 12} and report.pairs_used == 17
+    assert len(set(i for s, i in zip(weighted["source"], weighted["index"]) if s.startswith(str(a)))) == 5  # a half
+    assert Counter(i for s, i in zip(weighted["source"], weighted["index"]) if s.startswith(str(b))) == {i: 2 for i in range(6)}
+    again, _ = build_pairs([DataSourceConfig(path=a, weight=0.5)], tok, config)
+    assert again["index"] == [i for s, i in zip(weighted["source"], weighted["index"]) if s.startswith(str(a))]  # seeded
+    assert [(s["pairs_kept"], s["weight"], s["pairs_used"]) for s in report.sources] == [(10, 0.5, 5), (6, 2.0, 12)]
+    assert "17 pairs an epoch" in report.summary()
+    held_out, report = build_pairs([DataSourceConfig(path=a, weight=3.0), DataSourceConfig(path=b, weight=1.5)], tok,
+                                   config, held_out=True)
+    assert counts(held_out) == {"a.jsonl": 10, "b.jsonl": 6} and report.pairs_in == 16
 
 
 # --------------------------------------------------------------------------------------------- sampler

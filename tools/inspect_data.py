@@ -104,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             write_report_error(args.report, str(exc))
         return 2
     print(f"data report: {report.summary()}")
+    for source in report.sources:
+        print(f"  {source['source']}: {source['pairs_used']} pairs an epoch (weight {source['weight']:g} of "
+              f"{source['pairs_kept']} kept)")
+    print(f"  mixed: {report.pairs_used} pairs an epoch")
     for reason, count in sorted(report.dropped.items()):
         print(f"  dropped {reason}: {count}")
     for error in report.errors[:5]:

@@ -81,7 +81,7 @@ def score_pairs(args: argparse.Namespace) -> dict | None:
             pad_to_multiple=data_cfg.get("pad_to_multiple", 16),
         )
         tokenizer = load_tokenizer(data.tokenizer)
-        pairs, report = build_pairs(data.train, tokenizer, data)
+        pairs, report = build_pairs(data.train, tokenizer, data, held_out=True)  # every pair once, in order
         model = saved_model_config(state)
         precision = PrecisionConfig(**train_cfg.get("precision", {}))
 

@@ -1,7 +1,8 @@
 """From data sources to tokenised, truncated preference pairs, with a report of every drop.
 
 load (datasets) -> normalise the format -> tokenise once with ``datasets.map`` (cached, so a
-restart does not tokenise again) -> drop bad or over-long pairs (counted by reason) -> mix sources.
+restart does not tokenise again) -> drop bad or over-long pairs (counted by reason) -> mix sources
+(each by its weight: the fraction of it an epoch uses).
 A kept row has ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (the completions, EOS included),
 ``source`` and ``index`` (the row's position in its source).
 """
@@ -42,6 +43,10 @@ class DataReport:
     identical_pairs: int = 0
     truncated_pairs: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    """Per source: ``source``, ``pairs_kept``, ``weight`` and ``pairs_used`` (per epoch, after the weight)."""
+    pairs_used: int = 0
+    """Pairs in the mix: one epoch of training (a pair used twice counts twice)."""
 
     def merge(self, other: "DataReport", max_errors: int) -> None:
         """Add another source's counts to this report."""
@@ -60,10 +65,14 @@ class DataReport:
     def summary(self) -> str:
         """One human-readable paragraph."""
         drops = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) or "none"
-        return (
+        text = (
             f"{self.pairs_kept}/{self.pairs_in} pairs kept; dropped by reason: {drops}; "
             f"{self.truncated_pairs} truncated; {self.identical_pairs} with chosen == rejected (kept)"
         )
+        if len(self.sources) > 1 or any(s["pairs_used"] != s["pairs_kept"] for s in self.sources):
+            used = ", ".join(f"{s['source']} {s['pairs_used']} (x{s['weight']:g} of {s['pairs_kept']})" for s in self.sources)
+            text += f"; mixed: {used}; {self.pairs_used} pairs an epoch"
+        return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,23 +267,41 @@ def _procs(config: DataConfig, dataset: datasets.Dataset) -> int | None:
     return config.num_proc if config.num_proc > 1 and len(dataset) >= 1000 else None
 
 
+def weighted_positions(count: int, weight: float, seed: int) -> list[int]:
+    """Which of a source's ``count`` pairs an epoch uses under ``weight``, the fraction of the
+    source per epoch (alignment-handbook's dataset_mixer): every pair ``floor(weight)`` times, then
+    a seeded sample of the fraction left (2.0: every pair twice; 0.5: a seeded half)."""
+    import numpy as np
+
+    whole = int(weight)
+    extra = round((weight - whole) * count)
+    sample = np.random.default_rng(seed).choice(count, size=extra, replace=False) if extra else []
+    return list(range(count)) * whole + sorted(int(i) for i in sample)
+
+
 def build_pairs(
-    sources: Sequence[DataSourceConfig], tokenizer, config: DataConfig
+    sources: Sequence[DataSourceConfig], tokenizer, config: DataConfig, *, held_out: bool = False
 ) -> tuple[datasets.Dataset, DataReport]:
-    """All sources prepared and mixed by weight; returns the pairs and the merged report."""
-    prepared, report = [], DataReport()
-    for source in sources:
+    """All sources prepared and concatenated, each by its weight (the fraction of it an epoch
+    uses: 1.0 + 1.0 is the plain concatenation); returns the pairs and the merged report.
+    ``held_out``: held-out data, where a weight above 1 does not repeat pairs (capped at 1)."""
+    used, report = [], DataReport()
+    for number, source in enumerate(sources):
         kept, source_report = prepare_source(source, tokenizer, config)
         if len(kept) == 0:
             raise DataError(f"{source.path}:{source.split}: no pair survived ({source_report.summary()})")
-        prepared.append(kept)
         report.merge(source_report, config.report_errors)
-    if len(prepared) == 1:
-        return prepared[0], report
-    weights = [s.weight for s in sources]
-    mixed = datasets.interleave_datasets(
-        prepared, probabilities=[w / sum(weights) for w in weights], seed=config.seed, stopping_strategy="all_exhausted"
-    )
+        weight = min(source.weight, 1.0) if held_out else source.weight
+        positions = weighted_positions(len(kept), weight, config.seed + number)
+        if positions != list(range(len(kept))):
+            kept = kept.select(positions)
+        report.sources.append({"source": f"{source.path}:{source.split}", "pairs_kept": source_report.pairs_kept,
+                               "weight": weight, "pairs_used": len(kept)})
+        used.append(kept)
+    mixed = used[0] if len(used) == 1 else datasets.concatenate_datasets(used)
+    report.pairs_used = len(mixed)
+    if len(mixed) == 0:
+        raise DataError(f"the sources' weights leave no pair: {report.sources}")
     return mixed, report
 
 

@@ -57,7 +57,7 @@ def load_data(cfg: TrainConfig, out: Path, is_rank0: bool):
         if is_rank0 == turn:
             train_pairs, report = build_pairs(train_sources(cfg.data), tokenizer, cfg.data)
             sources = eval_sources(cfg.data)
-            eval_pairs = build_pairs(sources, tokenizer, cfg.data)[0] if sources else None
+            eval_pairs = build_pairs(sources, tokenizer, cfg.data, held_out=True)[0] if sources else None
         dist.barrier()
     if cfg.train.eval_max_pairs and eval_pairs is not None:
         eval_pairs = eval_pairs.select(range(min(cfg.train.eval_max_pairs, len(eval_pairs))))
