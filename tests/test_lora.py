@@ -118,6 +118,10 @@ LAYOUT_OPTIM = OptimConfig(lr=1.0, warmup_ratio=0.0, decay_style="constant", ada
 COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
             "grad_norm", "implicit_rewards/chosen")
 LORA_LAYOUTS = {"tp1": (1, 1, 1), "tp2_sp": (2, 1, 2), "pp2": (2, 2, 1), "dp2": (2, 1, 1)}  # world, pp, tp
+# SimPO (no reference forward, which would finish the deferred gather itself) at DP=2 with the
+# distributed optimizer's overlapped reduce and parameter gather, several buckets: each step's
+# forward must wait for the adapters' all-gather (their modules' pre-forward hooks).
+OVERLAP = {"parallel.overlap_grad_reduce": True, "parallel.overlap_param_gather": True, "parallel.ddp_bucket_size": 2000}
 
 
 def lora_train_config(root: Path, name: str, tp: int, pp: int, steps: int = 2, **changes):
@@ -161,8 +165,16 @@ def lora_layout_runs(root, names):
     out = {}
     try:
         for name in names:
-            _, pp, tp = LORA_LAYOUTS[name]
-            out[name] = {"records": run_training(lora_train_config(root, name, tp, pp, **{"reference.mode": "adapters_off"}))}
+            if name.startswith("simpo"):
+                from mmpo_megatron.config import LossConfig
+
+                overlap = name == "simpo_dp2_overlap"
+                cfg = lora_train_config(root, name, 1, 1, **(OVERLAP if overlap else {}))
+                cfg.loss, cfg.reference = LossConfig(name="simpo"), ReferenceConfig(mode="precompute")
+            else:
+                _, pp, tp = LORA_LAYOUTS[name]
+                cfg = lora_train_config(root, name, tp, pp, **{"reference.mode": "adapters_off"})
+            out[name] = {"records": run_training(cfg)}
             model, frozen = seen[-1]
             after = {n: p.detach() for c in model.chunks for n, p in unwrap(c).named_parameters() if not p.requires_grad}
             out[name]["base_unchanged"] = len(frozen) >= 6 and all(torch.equal(frozen[n], after[n]) for n in frozen)
@@ -200,14 +212,22 @@ def trained_adapters(root, names):
 def test_lora_trains_the_same_at_tp2_sp_pp2_and_dp2_and_only_the_adapters(peft_setup):
     """Two steps of MMPO at each layout against TP=PP=DP=1: both steps' loss and metrics, and every
     adapter's update (read back from the adapters-only checkpoints at TP=1); no frozen parameter
-    moves; the optimizer holds the adapters only."""
+    moves; the optimizer holds the adapters only. SimPO at DP=2 with overlapped gather likewise."""
     root, _ = peft_setup
-    runs = run_on_ranks(lora_layout_runs, 1, str(root), ["tp1"])[0]
-    runs.update(run_on_ranks(lora_layout_runs, 2, str(root), ["tp2_sp", "pp2", "dp2"])[0])
-    adapters = run_on_ranks(trained_adapters, 1, str(root), list(LORA_LAYOUTS))[0]
+    runs = run_on_ranks(lora_layout_runs, 1, str(root), ["tp1", "simpo_tp1"])[0]
+    runs.update(run_on_ranks(lora_layout_runs, 2, str(root), ["tp2_sp", "pp2", "dp2", "simpo_dp2_overlap"])[0])
+    adapters = run_on_ranks(trained_adapters, 1, str(root), list(LORA_LAYOUTS) + ["simpo_tp1", "simpo_dp2_overlap"])[0]
+    simpo = [r for r in runs["simpo_tp1"]["records"] if r["split"] == "train"]
+    overlapped = [r for r in runs["simpo_dp2_overlap"]["records"] if r["split"] == "train"]
+    for a, b in zip(overlapped, simpo, strict=True):
+        for key in ("loss", "logps/chosen", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), ("simpo_dp2_overlap", a["step"], key)
+    for tensor, value in adapters["simpo_tp1"].items():
+        start = adapters["initial"][tensor]
+        torch.testing.assert_close(adapters["simpo_dp2_overlap"][tensor] - start, value - start, rtol=1e-4, atol=1e-7)
     base = [r for r in runs["tp1"]["records"] if r["split"] == "train"]
     assert base[0]["loss"] != base[1]["loss"]
-    assert runs["tp1"]["trainable"] == sorted(f"projections.{p}.lora_{m}" for p in
+    assert runs["tp1"]["trainable"] == sorted(f"projections.{p}.lora_{m}.weight" for p in
                                               ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
                                               for m in "AB")
     lora_numel = sum(t.numel() for t in adapters["initial"].values())
@@ -494,3 +514,72 @@ def test_lora_settings_are_checked_before_any_work(peft_setup):
             "model.lora.rank=16", "model.lora.target_modules=[linear_qkv,o_proj]", "model.lora.alpha=32"]))
     assert cfg.model.lora.projections == ("q_proj", "k_proj", "v_proj", "o_proj") and cfg.model.lora.scale == 2.0
     assert cfg.reference.mode == "adapters_off"  # auto, with fresh adapters
+
+
+def dropout_recompute_and_reshard(root):
+    """At TP=2 with adapter dropout 0.1: without and with full recompute (its replay must draw the
+    same masks), the adapters replicated over TP (column A, row B) after two steps on each rank; an
+    adapters-only checkpoint saved at DP=2 and resumed at TP=2."""
+    from mmpo_megatron.model.builder import unwrap
+    from mmpo_megatron.model.preference_model import MegatronPreferenceModel
+    from mmpo_megatron.train.trainer import run_training
+
+    root = Path(root)
+    original = MegatronPreferenceModel.train_step
+    models = []
+
+    def keeping(self, micro_batches):
+        if not models or models[-1] is not self:
+            models.append(self)
+        return original(self, micro_batches)
+
+    MegatronPreferenceModel.train_step = keeping
+    out = {}
+    try:
+        for name, recompute in (("dropout", "none"), ("dropout_recompute", "full")):
+            cfg = lora_train_config(root, name, 2, 1, **{"reference.mode": "adapters_off"})
+            cfg.model = dataclasses.replace(cfg.model, recompute=recompute,
+                                            lora=dataclasses.replace(cfg.model.lora, dropout=0.1))
+            out[name] = [r for r in run_training(cfg) if r["split"] == "train"]
+            replicated = {n: p.detach().clone() for n, p in unwrap(models[-1].chunks[0]).named_parameters()
+                          if p.requires_grad and not getattr(p, "tensor_model_parallel", False)}
+            out[name + "_replicated"] = replicated
+        every_2 = CheckpointConfig(load_weights=str(root / "mcore"), save_interval=2, keep_last=3)
+        schedule = OptimConfig(lr=5e-3, warmup_ratio=0.0, decay_style="constant")
+        out["dp2"] = [r for r in run_training(lora_train_config(root, "reshard", 1, 1, steps=3, optim=schedule,
+                                                                 checkpoint=every_2)) if r["split"] == "train"]
+        from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
+
+        import torch.distributed as dist
+
+        initialize_parallel()
+        if dist.get_rank() == 0:
+            (root / "reshard_tp2" / "checkpoints").mkdir(parents=True)
+            shutil.copytree(root / "reshard" / "checkpoints" / "step_0000002",
+                            root / "reshard_tp2" / "checkpoints" / "step_0000002")
+        dist.barrier()
+        destroy_parallel()
+        out["tp2"] = [r for r in run_training(lora_train_config(root, "reshard_tp2", 2, 1, steps=3, optim=schedule,
+                                                                 checkpoint=every_2)) if r["split"] == "train"]
+    finally:
+        MegatronPreferenceModel.train_step = original
+    return out
+
+
+def test_lora_dropout_replays_under_recompute_stays_replicated_and_a_resume_reshards(peft_setup):
+    root, _ = peft_setup
+    ranks = run_on_ranks(dropout_recompute_and_reshard, 2, str(root))
+    plain, recomputed = ranks[0]["dropout"], ranks[0]["dropout_recompute"]
+    for a, b in zip(plain, recomputed, strict=True):  # recompute replays the forward's masks
+        for key in ("loss", "grad_norm", "logps/chosen"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    for name in ("dropout_replicated", "dropout_recompute_replicated"):
+        first, second = ranks[0][name], ranks[1][name]
+        assert len(first) > 10 and first.keys() == second.keys()
+        for tensor in first:  # one mask for the whole input on every TP rank: the copies never part
+            assert torch.equal(first[tensor], second[tensor]), (name, tensor)
+    # Resumed at TP=2 from a DP=2 save: the optimizer restarts, the adapters reshard. Step 3 runs
+    # its forward on the loaded adapters: the uninterrupted run's step-3 loss.
+    (step_3,) = [r for r in ranks[0]["tp2"] if r["step"] == 3]
+    assert [r["step"] for r in ranks[0]["tp2"]] == [3]
+    assert step_3["loss"] == pytest.approx(ranks[0]["dp2"][2]["loss"], rel=1e-5)

@@ -19,8 +19,8 @@ import plan_layout  # noqa: E402
 def test_predicted_memory_matches_a_measured_step_at_tp2_with_sequence_parallelism_and_under_block_recompute():
     """Validation, not calibration: the TP=2 x SP layout is not one the working-set terms were fitted
     on; full recompute of 2 of 4 layers by the block method keeps the other two layers' activations;
-    LoRA at TP=2 x SP: adapter parameters counted exactly, the optimizer holding only them."""
-    lora = dataclasses.replace(plan_layout.CHECK_WORK, lora_rank=16)
+    LoRA (dropout 0.1) at TP=2 x SP: adapter parameters counted exactly, the optimizer holding only them."""
+    lora = dataclasses.replace(plan_layout.CHECK_WORK, lora_rank=16, lora_dropout=0.1)
     rows = plan_layout.check(layouts=[(2, Layout(2, 1, 1), "local"),
                                       (1, Layout(recompute="full", recompute_method="block", recompute_num_layers=2), "local"),
                                       (2, Layout(2, 1, 1), "local", lora)])

@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference", default="precompute", choices=[m for m in REFERENCE_MODES if m != "auto"])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--lora-rank", type=int, default=0, help="model.lora.rank (0: full fine-tuning)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="model.lora.dropout (above 0: more activations)")
     p.add_argument("--lora-targets", nargs="+", default=list(LORA_PROJECTIONS),
                    help="model.lora.target_modules (PEFT names or linear_qkv/linear_proj/linear_fc1/linear_fc2)")
     p.add_argument("--top", type=int, default=10, help="rows to print")
@@ -73,7 +74,7 @@ def table(model, args) -> list[dict]:
     work = Workload(micro_batch_size=args.micro_batch_size, max_length=args.max_length,
                     global_batch_size=args.global_batch_size, dtype=args.dtype, reference=args.reference,
                     fused_logprob_chunk=model.fused_logprob_chunk, lora_rank=args.lora_rank,
-                    lora_projections=lora_projections(args.lora_targets))
+                    lora_projections=lora_projections(args.lora_targets), lora_dropout=args.lora_dropout)
     rows = []
     for row in plan(model, args.gpus, args.gpu_memory, work):
         e = row.estimate
@@ -114,6 +115,8 @@ CHECK_LAYOUTS = [  # (world, layout, layer spec[, workload])
     (2, Layout(1, 2, 1), "local"),
     (2, Layout(1, 1, 2), "local"),
     (2, Layout(2, 1, 1), "local", dataclasses.replace(CHECK_WORK, lora_rank=16)),  # LoRA on every projection, SP
+    (1, Layout(1, 1, 1), "local", dataclasses.replace(CHECK_WORK, lora_rank=16, lora_dropout=0.1)),
+    (2, Layout(2, 1, 1), "local", dataclasses.replace(CHECK_WORK, lora_rank=16, lora_dropout=0.1)),
 ]
 
 
@@ -153,7 +156,7 @@ def measure(layout: Layout, layer_spec: str, model_fields: dict, work: Workload,
                 micro.ref_chosen = torch.zeros(micro.batch.num_pairs)
                 micro.ref_rejected = torch.zeros(micro.batch.num_pairs)
 
-    lora = LoraConfig(rank=work.lora_rank, target_modules=list(work.lora_projections))
+    lora = LoraConfig(rank=work.lora_rank, target_modules=list(work.lora_projections), dropout=work.lora_dropout)
     cfg = TrainConfig(
         device="cpu",
         model=ModelConfig(**model_fields, layer_spec=layer_spec, recompute=layout.recompute,
@@ -206,6 +209,7 @@ def check(layouts=CHECK_LAYOUTS, model_fields=CHECK_MODEL, work=CHECK_WORK, voca
         worst = max(per_rank, key=lambda r: r["measured"])
         predicted = estimate(ModelConfig(**model_fields, layer_spec=spec), layout, work_here, vocab_size=vocab_size)
         lora = f", LoRA r={work_here.lora_rank}" if work_here.lora_rank else ""
+        lora += f" dropout {work_here.lora_dropout:g}" if work_here.lora_dropout else ""
         rows.append({"layout": layout.describe(), "recompute": layout.describe_recompute() + lora, "layer_spec": spec,
                      "predicted": predicted.total, "measured": worst["measured"],
                      "error": predicted.total / worst["measured"] - 1,

@@ -115,9 +115,10 @@ def saved_weight_dtype(checkpoint: Path) -> str:
     return "fp32" if torch.float32 in found or not found else "bf16"
 
 
-def _rounding_logprob_change(chunk: torch.nn.Module, vocab_size: int, sequences: int = 4, length: int = 32) -> float:
-    """The largest change of a summed sequence log-prob when the weights are rounded to bf16
-    (fp32 arithmetic, seeded random token sequences); rounds the weights in place."""
+def _logprob_change(chunk: torch.nn.Module, vocab_size: int, change: Callable[[], Any], sequences: int = 4,
+                    length: int = 32) -> float:
+    """The largest change of a summed sequence log-prob (seeded random token sequences) that
+    ``change()`` makes to the chunk's weights (it changes them in place)."""
     from mmpo_megatron.model.builder import unwrap
 
     gpt = unwrap(chunk)
@@ -130,9 +131,15 @@ def _rounding_logprob_change(chunk: torch.nn.Module, vocab_size: int, sequences:
 
     with torch.no_grad():
         before = summed_logps()
-        for param in gpt.parameters():
-            param.copy_(param.to(torch.bfloat16))
+        change()
         return float((summed_logps() - before).abs().max())
+
+
+def _round_to_bf16(chunk: torch.nn.Module) -> None:
+    from mmpo_megatron.model.builder import unwrap
+
+    for param in unwrap(chunk).parameters():
+        param.copy_(param.to(torch.bfloat16))
 
 
 def _progress(total: int, desc: str):
@@ -239,9 +246,16 @@ def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype:
         tmp.rename(output)
         return output
     if model.lora.enabled:
-        print(f"LoRA: merged {merge_adapters(chunks)} adapted linears into the base weights", flush=True)
+        merged = []
+        moved = _logprob_change(chunks[0], model.vocab_size, lambda: merged.append(merge_adapters(chunks)))
+        print(f"LoRA: merged {merged[0]} adapted linears into the base weights (W + alpha / r * B A in fp32, stored "
+              f"in {dtype}): summed log-probs of 4 random 32-token sequences moved by up to {moved:.3g} nats", flush=True)
+        if dtype == "bf16" and moved > 1e-3:
+            print(f"warning: bf16 rounds away part of the adapters' change to the weights ({moved:.3g} nats); "
+                  f"--dtype fp32 keeps the merged model exact, --adapter-only keeps the adapters apart",
+                  file=sys.stderr, flush=True)
     if narrowing:
-        change = _rounding_logprob_change(chunks[0], model.vocab_size)
+        change = _logprob_change(chunks[0], model.vocab_size, lambda: _round_to_bf16(chunks[0]))
         print(f"warning: --dtype bf16 rounds this checkpoint's fp32 weights: summed log-probs of 4 random 32-token "
               f"sequences move by up to {change:.3g} nats (a fine-tune's small updates can vanish); "
               f"--dtype auto keeps fp32", file=sys.stderr, flush=True)

@@ -209,11 +209,12 @@ def saved_model_config(trainer_state: dict[str, Any]):
 
 
 def checkpoint_fingerprint(path: str | Path) -> str:
-    """A content fingerprint of a dist checkpoint's weight files: names, sizes and their first and
-    last 64 KiB. The same after a copy or a move; different for other weights of the same shape."""
+    """A content fingerprint of a dist checkpoint's weight files (``*.distcp``: names, sizes, first
+    and last 64 KiB). The same after a copy or a move; different for other weights of the same
+    shape. (``.metadata`` is left out: it records where and when it was saved.)"""
     path = resolve_checkpoint(path)
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.iterdir() if p.is_file() and (p.suffix == ".distcp" or p.name == ".metadata")):
+    for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix == ".distcp"):
         size = file.stat().st_size
         digest.update(f"{file.name}:{size}".encode())
         with file.open("rb") as handle:
@@ -243,14 +244,49 @@ def check_lora_base(checkpoint: Path, base: str | Path | None) -> None:
                           f"Resume with the same base, or start a new train.output_dir")
 
 
-def _load_recorded_base(path: Path, chunks: Sequence[torch.nn.Module], optimizer) -> None:
-    """Before an adapters-only checkpoint: the base weights it records (fingerprint checked)."""
+def check_lora_settings(checkpoint: Path, lora) -> None:
+    """Stop unless a resumed run's LoRA shape (rank, targets) is the checkpoint's."""
+    from mmpo_megatron.config import LoraConfig
+
+    saved = json.loads((Path(checkpoint) / TRAINER_STATE).read_text()).get("model", {}).get("lora")
+    if saved is None:
+        return
+    saved = LoraConfig(**saved)
+    if (saved.rank, saved.projections) != (lora.rank, lora.projections):
+        raise ConfigError(f"model.lora: the checkpoints in {Path(checkpoint).parent} were trained with rank {saved.rank} "
+                          f"on {list(saved.projections)}; this run has rank {lora.rank} on {list(lora.projections)}. "
+                          f"Resume with the same settings, or start a new train.output_dir")
+
+
+def _load_recorded_base(path: Path, chunks: Sequence[torch.nn.Module], optimizer, base: str | Path | None = None) -> None:
+    """Before an adapters-only checkpoint: its base weights, from ``base`` (a run's
+    checkpoint.load_weights) or where the checkpoint recorded them; the fingerprint checked."""
     recorded = json.loads((path / TRAINER_STATE).read_text()).get(LORA_BASE) or {}
-    base = recorded.get("weights")
+    base = base or recorded.get("weights")
     if base is None:
         raise ConfigError(f"checkpoint {path} holds LoRA adapters only and records no base weights to load under them")
+    if not Path(base).exists():
+        raise ConfigError(f"checkpoint {path} holds LoRA adapters only; their base weights were at {base}, which "
+                          f"does not exist now (moved? a run finds them at its checkpoint.load_weights)")
     check_lora_base(path, base)
     load_weights(base, chunks, optimizer)
+
+
+def _check_adapter_keys(path: Path, state: dict[str, Any]) -> None:
+    """Refuse a checkpoint holding adapters this model lacks (other targets): they would be dropped."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    from mmpo_megatron.model.lora import ADAPTER
+
+    marker = f".{ADAPTER}."
+    saved = {k for k in dist_checkpointing.load_tensors_metadata(str(path)) if marker in k and not k.startswith("optimizer.")}
+    wanted = {v.key for chunk in state.values() if isinstance(chunk, dict) for v in chunk.values()
+              if isinstance(v, ShardedBase) and marker in v.key}
+    extra = sorted(saved - wanted)
+    if extra:
+        raise ConfigError(f"model.lora: checkpoint {path} holds adapters this model has none of ({extra[:3]}...): "
+                          f"build it with the LoRA targets it was trained with")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -329,12 +365,17 @@ def load_weights(path: str | Path, chunks: Sequence[torch.nn.Module], optimizer=
         _load_recorded_base(path, chunks, optimizer)
     parts = Parts(base=found.base, adapters=found.adapters, extra_state=extra_state)
     state = _model_state(chunks, parts)
+    if found.adapters:
+        _check_adapter_keys(path, state)
     _load_model_state(chunks, dist_checkpointing.load(state, str(path)), masters_of=optimizer, parts=parts)
     return path
 
 
-def load_checkpoint(path: str | Path, chunks: Sequence[torch.nn.Module], optimizer) -> dict[str, Any]:
-    """Resume: weights, optimizer state and RNG states; returns the saved trainer state."""
+def load_checkpoint(path: str | Path, chunks: Sequence[torch.nn.Module], optimizer, *,
+                    base: str | Path | None = None) -> dict[str, Any]:
+    """Resume: weights, optimizer state and RNG states; returns the saved trainer state. An
+    adapters-only checkpoint loads its base first: ``base`` (the run's checkpoint.load_weights),
+    else where it recorded it."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
@@ -342,8 +383,10 @@ def load_checkpoint(path: str | Path, chunks: Sequence[torch.nn.Module], optimiz
     same_layout = trainer_state.get("layout") == layout_state()
     parts = checkpoint_parts(path, chunks)
     if not parts.base:
-        _load_recorded_base(path, chunks, None)
+        _load_recorded_base(path, chunks, None, base)
     state = _model_state(chunks, parts)
+    if parts.adapters:
+        _check_adapter_keys(path, state)
     if optimizer is not None and same_layout:
         _prepare_optimizer_for_load(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)

@@ -17,8 +17,9 @@ The fused linears keep one adapter per HF projection (Megatron-Bridge's "canonic
   back, so B's gradient is whole on every rank).
 
 Pipeline stages need nothing: adapters live inside the layers. The base linear keeps its own
-parameter names and checkpoint keys; the adapters sit beside it as ``<linear>.lora.<proj>.lora_A``
-/ ``lora_B`` with their own TP sharding in the distributed checkpoint. Initialisation as PEFT
+parameter names and checkpoint keys; the adapters sit beside it as
+``<linear>.lora.projections.<proj>.lora_A.weight`` / ``lora_B.weight`` with their own TP sharding
+in the distributed checkpoint. Initialisation as PEFT
 (A Kaiming-uniform with a = sqrt(5) over the whole input, B zero), from a generator seeded by the
 layer and projection, so every TP x PP layout builds the same adapters.
 """
@@ -45,18 +46,33 @@ COLUMN_PARALLEL = ("linear_qkv", "linear_fc1")
 ADAPTER = "lora"  # the attribute (and checkpoint key part) of a base linear's adapters
 
 
+class LoraMatrix(torch.nn.Module):
+    """One adapter matrix, applied as ``x @ weight.T``. A module of its own, called as one: megatron's
+    DDP finishes a parameter's deferred all-gather (overlap_param_gather) in the pre-forward hook
+    of the module that holds it, which a bare ``F.linear`` on the tensor would bypass."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T"""
+        return F.linear(x, self.weight)
+
+
 class LoraProjection(torch.nn.Module):
-    """One HF projection's adapter: this TP rank's shards of lora_A [r, in] and lora_B [out, r]."""
+    """One HF projection's adapter: this TP rank's shards of lora_A [r, in] and lora_B [out, r]
+    (PEFT's names: ``lora_A.weight``, ``lora_B.weight``)."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, *, column: bool) -> None:
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
         super().__init__()
-        self.lora_A = torch.nn.Parameter(a)
-        self.lora_B = torch.nn.Parameter(b)
+        self.lora_A = LoraMatrix(a)
+        self.lora_B = LoraMatrix(b)
         # The split matrix is marked as megatron marks its own shards, so that the gradient norm
         # counts every rank's part (a replicated one counts once, from TP rank 0).
-        split, dim = (self.lora_B, 0) if column else (self.lora_A, 1)
+        split, dim = (self.lora_B.weight, 0) if column else (self.lora_A.weight, 1)
         set_tensor_model_parallel_attributes(split, is_parallel=True, dim=dim, stride=1)
 
 
@@ -74,7 +90,7 @@ class LoraAdapters(torch.nn.Module):
         self.enabled = True
         # This rank's starting values (PEFT's initialisation or init_from), kept on the CPU (adapters
         # are small) for reset(): a run's starting weights are the base plus these.
-        self.initial = {name: (p.lora_A.detach().cpu().clone(), p.lora_B.detach().cpu().clone())
+        self.initial = {name: (p.lora_A.weight.detach().cpu().clone(), p.lora_B.weight.detach().cpu().clone())
                         for name, p in projections.items()}
 
     def reset(self) -> None:
@@ -82,8 +98,8 @@ class LoraAdapters(torch.nn.Module):
         with torch.no_grad():
             for name, projection in self.projections.items():
                 a, b = self.initial[name]
-                projection.lora_A.copy_(a)
-                projection.lora_B.copy_(b)
+                projection.lora_A.weight.copy_(a)
+                projection.lora_B.weight.copy_(b)
 
     def delta(self, x: torch.Tensor, output_shape: torch.Size) -> torch.Tensor:
         """(alpha / r) * B A dropout(x) of every projection, laid out as the base's output."""
@@ -96,14 +112,20 @@ class LoraAdapters(torch.nn.Module):
         from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
                                                              gather_from_sequence_parallel_region)
 
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+        from megatron.core.tensor_parallel.random import _DATA_PARALLEL_RNG_TRACKER_NAME
+
         group = ps.get_tensor_model_parallel_group()
         if self.sequence_parallel:
             x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=group)
-        x = self.dropout(x)  # the default generator: the same mask on every TP rank, as x is the same
+        # x is the same on every TP rank, and so must its mask be (A is whole on each rank): megatron's
+        # stream seeded alike on all TP ranks, which activation recompute replays.
+        with get_cuda_rng_tracker().fork(_DATA_PARALLEL_RNG_TRACKER_NAME):
+            x = self.dropout(x)
         parts = {}
         for name, adapter in self.projections.items():
-            hidden = copy_to_tensor_model_parallel_region(F.linear(x, adapter.lora_A), group=group)
-            parts[name] = F.linear(hidden, adapter.lora_B) * self.scale
+            hidden = copy_to_tensor_model_parallel_region(adapter.lora_A(x), group=group)
+            parts[name] = adapter.lora_B(hidden) * self.scale
         return self._assemble(parts, x, output_shape)
 
     def _assemble(self, parts: dict[str, torch.Tensor], x: torch.Tensor, output_shape: torch.Size) -> torch.Tensor:
@@ -131,8 +153,8 @@ class LoraAdapters(torch.nn.Module):
         with get_cuda_rng_tracker().fork():  # this rank's input features: a mask of its own
             x = self.dropout(x)
         (adapter,) = self.projections.values()
-        hidden = reduce_from_tensor_model_parallel_region(F.linear(x, adapter.lora_A), group=group)
-        out = F.linear(hidden, adapter.lora_B) * self.scale
+        hidden = reduce_from_tensor_model_parallel_region(adapter.lora_A(x), group=group)
+        out = adapter.lora_B(hidden) * self.scale
         if self.sequence_parallel:
             out = scatter_to_sequence_parallel_region(out, group=group)
         return out
@@ -142,7 +164,7 @@ class LoraAdapters(torch.nn.Module):
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
         state = self.state_dict(prefix="", keep_vars=True)
-        axis = {f"projections.{name}.{'lora_B' if self.column else 'lora_A'}": 0 if self.column else 1
+        axis = {f"projections.{name}.{'lora_B' if self.column else 'lora_A'}.weight": 0 if self.column else 1
                 for name in self.projections}
         return make_sharded_tensors_for_checkpoint(state, prefix, axis, sharded_offsets)
 
@@ -222,6 +244,10 @@ def check_peft_adapter(lora: LoraConfig, adapter: dict) -> None:
         raise ConfigError(f"{key}: only plain LoRA adapters load (peft_type LORA, no DoRA, no rsLoRA)")
     if adapter.get("bias", "none") != "none":
         raise ConfigError(f"{key}: adapters with bias={adapter['bias']!r} are not supported (bias='none' only)")
+    for field in ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform", "target_parameters"):
+        if adapter.get(field):
+            raise ConfigError(f"{key}: the adapter sets {field}={adapter[field]!r}; only one rank and alpha on whole "
+                              f"projections load (what it trained beyond them would be lost)")
     if adapter.get("r") != lora.rank:
         raise ConfigError(f"model.lora.rank: {lora.rank}, but the init_from adapter has r={adapter.get('r')}")
     alpha = lora.alpha if lora.alpha is not None else lora.rank
@@ -262,6 +288,11 @@ def add_lora(gpt: torch.nn.Module, lora: LoraConfig, *, seed: int, initial: dict
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     for param in gpt.parameters():
         param.requires_grad_(False)
+    if gpt.pre_process:
+        # The frozen embedding's output needs no gradient, so megatron's reentrant activation
+        # checkpoint (model.recompute=full) would see inputs that do not require grad and cut the
+        # graph: the adapters inside would get none (PEFT's enable_input_require_grads, for HF).
+        gpt.embedding.register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
     targets = set(lora.projections)
     added = 0
     for layer in gpt.decoder.layers:
@@ -336,7 +367,7 @@ def has_lora(chunks: Sequence[torch.nn.Module]) -> bool:
 
 def _fused_delta(adapters: LoraAdapters, weight: torch.Tensor) -> torch.Tensor:
     """(alpha / r) * B A of every projection in fp32, laid out as the base weight (one TP rank: whole)."""
-    deltas = {name: adapters.scale * (p.lora_B.detach().float() @ p.lora_A.detach().float())
+    deltas = {name: adapters.scale * (p.lora_B.weight.detach().float() @ p.lora_A.weight.detach().float())
               for name, p in adapters.projections.items()}
     columns = weight.shape[1]
     if not adapters.column:
@@ -388,5 +419,5 @@ def adapter_tensors(chunks: Sequence[torch.nn.Module]) -> dict[str, torch.Tensor
                         continue
                     for name, projection in adapters.projections.items():
                         for matrix in ("lora_A", "lora_B"):
-                            out[peft_name(layer.layer_number - 1, name, matrix)] = getattr(projection, matrix).detach().cpu()
+                            out[peft_name(layer.layer_number - 1, name, matrix)] = getattr(projection, matrix).weight.detach().cpu()
     return out

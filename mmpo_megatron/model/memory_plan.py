@@ -87,6 +87,7 @@ class Workload:
     distributed_optimizer: bool = True
     lora_rank: int = 0  # model.lora.rank: 0 is full fine-tuning
     lora_projections: tuple[str, ...] = LORA_PROJECTIONS  # model.lora's targets, as HF projection names
+    lora_dropout: float = 0.0  # model.lora.dropout: above 0 each adapted linear keeps its dropped input
 
     @classmethod
     def of(cls, cfg: TrainConfig) -> "Workload":
@@ -94,7 +95,7 @@ class Workload:
         return cls(cfg.train.micro_batch_size, cfg.data.max_length, cfg.train.global_batch_size,
                    "fp32" if cfg.precision.dtype == "fp32" else "bf16", cfg.reference.mode,
                    cfg.model.fused_logprob_chunk, cfg.optim.distributed_optimizer, cfg.model.lora.rank,
-                   cfg.model.lora.projections if cfg.model.lora.enabled else LORA_PROJECTIONS)
+                   cfg.model.lora.projections if cfg.model.lora.enabled else LORA_PROJECTIONS, cfg.model.lora.dropout)
 
     @property
     def bytes_per_value(self) -> int:
@@ -213,7 +214,14 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout, work: Workload, l
         gathered = {"linear_qkv": any(p in chosen for p in ("q_proj", "k_proj", "v_proj")),
                     "linear_fc1": any(p in chosen for p in ("gate_proj", "up_proj"))}
         parts["lora adapters"] = tokens * work.lora_rank * e * len(chosen) + (
-            sum(gathered.values()) * tokens * h * e if sp > 1 else 0)
+            sum(gathered.values()) * tokens * h * e if sp > 1 and not work.lora_dropout else 0)
+        if work.lora_dropout > 0:
+            # Dropout makes each adapted linear's input a new tensor (and a boolean mask), which the
+            # adapter keeps instead of the gathered input: the column ones see the whole hidden
+            # state, the row ones this rank's attention or MLP features.
+            rows_in = {"linear_proj": heads * d if "o_proj" in chosen else 0,
+                       "linear_fc2": f // t if "down_proj" in chosen else 0}
+            parts["lora dropout"] = (e + 1) * tokens * (sum(gathered.values()) * h + sum(rows_in.values()))
     return parts
 
 

@@ -248,14 +248,15 @@ class MegatronPreferenceModel:
             return ckpt.save_checkpoint(root, step, self.chunks, self.optimizer, state, keep_last=keep_last,
                                         parts=parts)
 
-    def resume(self, path) -> dict[str, Any]:
+    def resume(self, path, *, base=None) -> dict[str, Any]:
         """Weights, optimizer state (under the same layout; otherwise fp32 masters from the loaded
         weights), RNG and the step count of the schedule from a checkpoint; returns its trainer state.
         The schedule's shape (peak and minimum lr, warmup, decay steps and style) is this run's
         config, not the checkpoint's, so a finished run resumed with a larger ``train.max_steps``
-        decays over the new length; a difference is logged once."""
+        decays over the new length; a difference is logged once. ``base``: where the base weights
+        of an adapters-only (LoRA) checkpoint are now (default: where it recorded them)."""
         with self.updated_weights():
-            state = ckpt.load_checkpoint(path, self.chunks, self.optimizer)
+            state = ckpt.load_checkpoint(path, self.chunks, self.optimizer, base=base)
         saved = state.get("scheduler")
         if self.scheduler is not None and saved:
             changed = schedule_changes(saved, self.scheduler.state_dict())

@@ -205,7 +205,14 @@ def score_microbatches(
     """Forward-only per-pair log-probs: (data-set positions, PairLogProbs) per micro-batch on the
     last pipeline stage, nothing elsewhere."""
     store: list = []
-    with torch.no_grad():
-        _run_schedule(model_chunks, micro_batches, lambda m, h: partial(_score_func, store, m, h), head_and_mask,
-                      forward_only=True)
+    training = [chunk.training for chunk in model_chunks]
+    for chunk in model_chunks:
+        chunk.eval()  # scoring is deterministic: no dropout (LoRA's), whoever calls it
+    try:
+        with torch.no_grad():
+            _run_schedule(model_chunks, micro_batches, lambda m, h: partial(_score_func, store, m, h), head_and_mask,
+                          forward_only=True)
+    finally:
+        for chunk, mode in zip(model_chunks, training):
+            chunk.train(mode)
     return store

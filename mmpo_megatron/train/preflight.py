@@ -40,6 +40,20 @@ def tokenizer_length(name: str) -> int:
         raise ConfigError(f"data.tokenizer: {exc}") from None
 
 
+def holds_adapters(checkpoint: str) -> bool:
+    """Whether a checkpoint (or run folder) holds LoRA adapters (its tensor names say)."""
+    from megatron.core import dist_checkpointing
+
+    from mmpo_megatron.model.checkpoint import resolve_checkpoint
+    from mmpo_megatron.model.lora import ADAPTER
+
+    try:
+        path = resolve_checkpoint(checkpoint)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"checkpoint.load_weights: {exc}") from None
+    return any(f".{ADAPTER}." in key for key in dist_checkpointing.load_tensors_metadata(str(path)))
+
+
 def preflight(cfg: TrainConfig, world_size: int) -> TrainConfig:
     """``cfg`` with the HF shape resolved, checked against the world size and this machine."""
     from mmpo_megatron.model.builder import check_runtime_support
@@ -51,6 +65,10 @@ def preflight(cfg: TrainConfig, world_size: int) -> TrainConfig:
         from mmpo_megatron.model.lora import check_peft_adapter, read_peft_adapter
 
         check_peft_adapter(cfg.model.lora, read_peft_adapter(cfg.model.lora.init_from)[0])
+    if cfg.reference.mode == "adapters_off" and cfg.checkpoint.load_weights and holds_adapters(cfg.checkpoint.load_weights):
+        raise ConfigError(f"reference.mode: adapters_off makes the base the reference, but checkpoint.load_weights="
+                          f"{cfg.checkpoint.load_weights} holds LoRA adapters, so the policy starts elsewhere: set "
+                          f"reference.mode=precompute (the starting policy as the reference)")
     cfg.validate_for_world(world_size)
     device = resolve_device(cfg.parallel.device)
     check_runtime_support(cfg.model, cfg.precision, device)

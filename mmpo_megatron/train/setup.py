@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -75,13 +76,22 @@ def reference_cache_key(cfg: TrainConfig, weights_identity: str, device: str, vo
 
 
 def _reference_identity(cfg: TrainConfig) -> str:
-    """What the reference weights are: a checkpoint, the policy's loaded weights, or its seeded init."""
+    """What the reference weights are: a checkpoint, the policy's loaded weights, or its seeded init
+    (and, under LoRA, the adapters' starting values: an init_from folder's content)."""
     source = cfg.reference.checkpoint or cfg.checkpoint.load_weights
     if source:
         path = ckpt.resolve_checkpoint(source)
         stamp = (path / "metadata.json").stat().st_mtime_ns if (path / "metadata.json").exists() else 0
-        return f"{path.resolve()}@{stamp}"
-    return f"init-seed-{cfg.train.seed}"
+        identity = f"{path.resolve()}@{stamp}"
+    else:
+        identity = f"init-seed-{cfg.train.seed}"
+    lora = cfg.model.lora
+    if lora.enabled and lora.init_from and not cfg.reference.checkpoint:
+        from mmpo_megatron.model.lora import PEFT_WEIGHTS
+
+        digest = hashlib.sha256((Path(lora.init_from) / PEFT_WEIGHTS).read_bytes()).hexdigest()[:16]
+        identity += f"+adapter@{digest}"
+    return identity
 
 
 def _reference_chunks(cfg: TrainConfig, model: MegatronPreferenceModel) -> list[torch.nn.Module]:

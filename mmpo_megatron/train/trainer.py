@@ -112,8 +112,9 @@ class Trainer:
                     print(f"policy weights loaded from {loaded}", flush=True)
             return 0, 0, 0, False
         if cfg.model.lora.enabled:  # adapters-only checkpoints name the base they trained on
+            ckpt.check_lora_settings(resume_from, cfg.model.lora)
             ckpt.check_lora_base(resume_from, cfg.checkpoint.load_weights)
-        state = self.model.resume(resume_from)
+        state = self.model.resume(resume_from, base=cfg.checkpoint.load_weights)
         step = state["step"]
         if self.is_rank0:
             print(f"resumed from {resume_from} (step {step})", flush=True)
