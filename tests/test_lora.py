@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 
 from mmpo_megatron.config import CheckpointConfig, LoraConfig, OptimConfig, ReferenceConfig, TrainerConfig
 from mmpo_megatron.parallel.testing import run_on_ranks
+from run_folders import seed_run_folder
 
 VOCAB = 300  # >= the embedded tokenizer's 263 tokens
 SEQ = 12
@@ -298,23 +298,14 @@ def resume_cases(root):
     """4 steps saving adapters-only checkpoints every 2; a copy of step 2 resumed to 4; the same
     run folder started again over other base weights."""
     from mmpo_megatron.config import LossConfig
-    from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
     from mmpo_megatron.train.trainer import run_training
-
-    import torch.distributed as dist
 
     root = Path(root)
     every_2 = CheckpointConfig(load_weights=str(root / "mcore"), save_interval=2, keep_last=3)
     schedule = OptimConfig(lr=5e-3, warmup_ratio=0.25, decay_style="cosine")
     off = {"reference.mode": "adapters_off"}  # no reference cache: nothing but the adapters carries over
     full = run_training(lora_train_config(root, "resume_full", 1, 1, steps=4, optim=schedule, checkpoint=every_2, **off))
-    initialize_parallel()
-    if dist.get_rank() == 0:
-        (root / "resume_again" / "checkpoints").mkdir(parents=True)
-        shutil.copytree(root / "resume_full" / "checkpoints" / "step_0000002",
-                        root / "resume_again" / "checkpoints" / "step_0000002")
-    dist.barrier()
-    destroy_parallel()
+    seed_run_folder(root / "resume_full", root / "resume_again", 2, reference_cache=False)
     resumed = run_training(lora_train_config(root, "resume_again", 1, 1, steps=4, optim=schedule, checkpoint=every_2, **off))
     # Other base weights: one full fine-tuning step away from the converted model.
     other = lora_train_config(root, "other_base", 1, 1, steps=1, optim=OptimConfig(lr=1e-2, warmup_ratio=0.0))
@@ -548,17 +539,7 @@ def dropout_recompute_and_reshard(root):
         schedule = OptimConfig(lr=5e-3, warmup_ratio=0.0, decay_style="constant")
         out["dp2"] = [r for r in run_training(lora_train_config(root, "reshard", 1, 1, steps=3, optim=schedule,
                                                                  checkpoint=every_2)) if r["split"] == "train"]
-        from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
-
-        import torch.distributed as dist
-
-        initialize_parallel()
-        if dist.get_rank() == 0:
-            (root / "reshard_tp2" / "checkpoints").mkdir(parents=True)
-            shutil.copytree(root / "reshard" / "checkpoints" / "step_0000002",
-                            root / "reshard_tp2" / "checkpoints" / "step_0000002")
-        dist.barrier()
-        destroy_parallel()
+        seed_run_folder(root / "reshard", root / "reshard_tp2", 2, reference_cache=False)
         out["tp2"] = [r for r in run_training(lora_train_config(root, "reshard_tp2", 2, 1, steps=3, optim=schedule,
                                                                  checkpoint=every_2)) if r["split"] == "train"]
     finally:
