@@ -664,6 +664,29 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What every evaluation (train.eval_interval) watches besides the held-out preference metrics."""
+
+    lm_data: str | None = None
+    """A local corpus (.txt: one document a line; .jsonl: a ``text`` field), e.g. the SFT data or
+    any general text. At every evaluation the policy's mean per-token NLL on it is logged as
+    ``lm/nll``, the reference's (scored once) as ``lm/nll_ref`` and the difference as
+    ``lm/nll_delta``: how far preference training moves the model's language modelling (the
+    paper's second claim, watched during the run). None: not measured."""
+
+    lm_max_documents: int = 512
+    """The first this many documents are scored (a forward pass over them per evaluation)."""
+
+    lm_max_length: int | None = None
+    """Tokens kept of a document; None means data.max_length."""
+
+    def __post_init__(self) -> None:
+        _require(self.lm_max_documents >= 1, "eval.lm_max_documents", f"must be >= 1, got {self.lm_max_documents}")
+        _require(self.lm_max_length is None or self.lm_max_length >= 2, "eval.lm_max_length",
+                 f"must be >= 2, got {self.lm_max_length}")
+
+
+@dataclass
 class LoggingConfig:
     """Where metrics go besides metrics.jsonl (always written)."""
 
@@ -690,6 +713,7 @@ class TrainConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _require(self.device in ("auto", "cuda", "cpu"), "device", f"must be auto, cuda or cpu, got {self.device!r}")

@@ -446,3 +446,16 @@ def test_tokenisation_is_cached_across_runs(tmp_path, tok):
     files = [f["filename"] for f in first.cache_files]
     assert files and files == [f["filename"] for f in second.cache_files]
     assert all(Path(f).exists() for f in files)
+
+
+def test_inspect_data_mixes_several_sources_and_says_what_each_gave(tmp_path, tok, capsys):
+    sys.path.insert(0, str(REPO / "tools"))
+    import inspect_data
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "chosen": "x", "rejected": "y"} for i in range(10)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "chosen": "x", "rejected": "y"} for i in range(6)])
+    assert inspect_data.main(["--data", str(a), "--data", str(b), "--examples", "0", "--report", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"{a}:train: 10 pairs an epoch (weight 1 of 10 kept)" in out and "mixed: 16 pairs an epoch" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["pairs_used"] == 16 and [s["pairs_used"] for s in report["sources"]] == [10, 6]

@@ -147,7 +147,8 @@ def test_dockerfile_and_sbatch_pass_hadolint_and_shellcheck():
     lint = subprocess.run([str(bin_dir / "hadolint"), "--failure-threshold", "warning", "Dockerfile"],
                           cwd=REPO, capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
-    check = subprocess.run([str(bin_dir / "shellcheck"), "examples/slurm/train_mmpo.sbatch", "tools/gpu_report.sh"],
+    check = subprocess.run([str(bin_dir / "shellcheck"), "examples/slurm/train_mmpo.sbatch", "examples/slurm/sweep.sh",
+                            "tools/gpu_report.sh"],
                            cwd=REPO, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
 
@@ -296,3 +297,29 @@ def test_gpu_kit_requirements_and_a_missing_trl_module_named(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "trl", None)
     with pytest.raises(RuntimeError, match="module 'trl' \\(TRL itself\\) is missing"):
         benchmark.import_trl()
+
+
+def test_the_sweep_submits_the_papers_grid_sharing_one_reference_cache(tmp_path):
+    """examples/slurm/sweep.sh (dry run): 3 losses x 4 betas, the paper's learning rate per loss,
+    SimPO's gamma 1.6 x beta, one run folder each, one reference cache; every job's overrides
+    compose on its recipe."""
+    done = subprocess.run(["bash", "examples/slurm/sweep.sh", "smollm2_360m_mmpo", str(tmp_path), "data.tokenizer=/m"],
+                          cwd=REPO, env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    jobs = [shlex.split(line) for line in done.stdout.splitlines()]
+    assert len(jobs) == 12
+    seen = {}
+    for job in jobs:
+        args = job[job.index("examples/slurm/train_mmpo.sbatch") + 1:]
+        assert args[:2] == ["--config-name", "smollm2_360m_mmpo"]
+        cfg = composed(args[1], args[2:])
+        seen[(cfg.loss.name, cfg.loss.beta)] = cfg
+        assert cfg.reference.cache_dir == str(tmp_path / "reference_cache")
+        assert cfg.train.output_dir == str(tmp_path / f"{cfg.loss.name}-beta{cfg.loss.beta:g}")
+    assert sorted(seen) == sorted((loss, beta) for loss in ("mmpo", "dpo", "simpo") for beta in (0.01, 0.05, 0.1, 0.5))
+    assert {loss: seen[(loss, 0.1)].optim.lr for loss in ("mmpo", "dpo", "simpo")} == {"mmpo": 5e-4, "dpo": 5e-5, "simpo": 1e-4}
+    assert seen[("simpo", 0.5)].loss.gamma == pytest.approx(0.8)
+    paper = seen[("mmpo", 0.1)]
+    assert (paper.train.global_batch_size, paper.train.epochs, paper.optim.decay_style, paper.optim.warmup_ratio,
+            paper.data.max_length, paper.data.max_prompt_length, paper.loss.eps_chosen, paper.loss.eps_rejected) == (
+        128, 5, "cosine", 0.1, 2312, 1800, 0.9, 0.1)

@@ -32,7 +32,9 @@ from mmpo_megatron.data.tokenizer import load_tokenizer  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; anything of the form key=value is a data config override."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="a data file, folder or hub name (default: the embedded demo data)")
+    parser.add_argument("--data", action="append",
+                        help="a data file, folder or hub name (default: the embedded demo data); given several "
+                             "times, the sources are mixed as the trainer mixes them (each with --split and --format)")
     parser.add_argument("--split", default="train", help="split to read (default: train)")
     parser.add_argument("--format", default="auto",
                         help="auto, plain, orca, ultrafeedback, conversational, nemo, or columns (name the "
@@ -53,7 +55,7 @@ def data_config(args: argparse.Namespace) -> DataConfig:
     merged = OmegaConf.merge(base, OmegaConf.from_dotlist(dotlist))
     values = OmegaConf.to_container(merged, resolve=True)
     if args.data:
-        values["train"] = [{"path": args.data, "split": args.split, "format": args.format}]
+        values["train"] = [{"path": path, "split": args.split, "format": args.format} for path in args.data]
     if args.tokenizer:
         values["tokenizer"] = args.tokenizer
     if args.max_length is not None:

@@ -30,6 +30,10 @@ from mmpo_megatron.convert.llama import (
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 HF_CONFIG = "hf_config.json"
+GENERATION_CONFIG = "generation_config.json"
+# What an exported model needs of its source to generate as it did: the source config's fields
+# (token ids, names), its generation config, its model type (hf_config.json's) and the tokenizer.
+SOURCE_METADATA = (HF_CONFIG, GENERATION_CONFIG)
 
 
 class ConversionError(RuntimeError):
@@ -192,6 +196,8 @@ def convert_hf_to_megatron(
         save_to(tmp_root / "weights", chunks, None, state)
         final_tmp = tmp_root / "weights"
         (final_tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2))
+        if (hf_dir / GENERATION_CONFIG).exists():  # end-of-turn tokens and sampling defaults, for the export
+            shutil.copy2(hf_dir / GENERATION_CONFIG, final_tmp / GENERATION_CONFIG)
         (final_tmp / "tokenizer").mkdir()
         for name in TOKENIZER_FILES:
             if (hf_dir / name).exists():
@@ -296,8 +302,17 @@ def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype:
         config = hf_config_from_model(model, model_type=model_type, torch_dtype="bfloat16" if dtype == "bf16" else "float32")
         if source_hf:  # keep what we do not model (token ids, names) from the original config
             config = {**source_hf, **config}
+        tokenizer = _write_tokenizer(weights_dir if base and not (path / "tokenizer").is_dir() else path, state, tmp)
+        ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
+        for key, value in ids.items():  # a model without a source (random init) gets the tokenizer's
+            if config.get(key) is None and value is not None:
+                config[key] = value
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        _write_tokenizer(weights_dir if base and not (path / "tokenizer").is_dir() else path, state, tmp)
+        generation = next((d / GENERATION_CONFIG for d in (path, weights_dir) if (d / GENERATION_CONFIG).exists()), None)
+        if generation is not None:
+            shutil.copy2(generation, tmp / GENERATION_CONFIG)
+        else:
+            (tmp / GENERATION_CONFIG).write_text(json.dumps({k: v for k, v in config.items() if k in ids}, indent=2))
         tmp.rename(output)
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -321,17 +336,21 @@ def run_cli(convert: Callable[[], Path]) -> int:
     return 0
 
 
-def _write_tokenizer(checkpoint: Path, state: dict, out: Path) -> None:
+def _write_tokenizer(checkpoint: Path, state: dict, out: Path):
+    """The checkpoint's tokenizer (its own folder, else the run's data.tokenizer, chat template
+    included) into ``out``; returns it, loaded from there."""
     from mmpo_megatron.data.tokenizer import load_tokenizer
 
     if (checkpoint / "tokenizer").is_dir() and any((checkpoint / "tokenizer").iterdir()):
         for f in (checkpoint / "tokenizer").iterdir():
             shutil.copy2(f, out / f.name)
-        return
+        return load_tokenizer(str(out))
     name = state.get("tokenizer") or "embedded"
     try:
-        load_tokenizer(name).save_pretrained(str(out))
+        tokenizer = load_tokenizer(name)
+        tokenizer.save_pretrained(str(out))
     except Exception as exc:  # the weights are the point; say what to copy by hand
         raise ConversionError(f"could not write the tokenizer {name!r}: {exc}; copy its files into {out}") from exc
+    return tokenizer
 
 

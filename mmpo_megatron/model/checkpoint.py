@@ -310,10 +310,12 @@ def save_checkpoint(
     *,
     keep_last: int,
     parts: Parts = EVERYTHING,
+    extra_files: dict[str, Path] | None = None,
 ) -> Path:
-    """Save atomically (temporary name, renamed when complete); prune to the newest ``keep_last``."""
+    """Save atomically (temporary name, renamed when complete); prune to the newest ``keep_last``.
+    ``extra_files``: name -> file copied into the checkpoint (the source model's metadata)."""
     root = Path(root)
-    final = save_to(step_dir(root, step), chunks, optimizer, {**trainer_state, "step": step}, parts)
+    final = save_to(step_dir(root, step), chunks, optimizer, {**trainer_state, "step": step}, parts, extra_files)
     if dist.get_rank() == 0:
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -322,7 +324,7 @@ def save_checkpoint(
 
 
 def save_to(final: Path, chunks: Sequence[torch.nn.Module], optimizer, trainer_state: dict[str, Any],
-            parts: Parts = EVERYTHING) -> Path:
+            parts: Parts = EVERYTHING, extra_files: dict[str, Path] | None = None) -> Path:
     """Write a checkpoint folder under a temporary name and rename it when every rank is done."""
     from megatron.core import dist_checkpointing
 
@@ -342,6 +344,8 @@ def save_to(final: Path, chunks: Sequence[torch.nn.Module], optimizer, trainer_s
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
+        for name, source in (extra_files or {}).items():
+            shutil.copy2(source, tmp / name)
         (tmp / MANIFEST).write_text(json.dumps(_file_sizes(tmp), indent=1))
         (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "world_size": dist.get_world_size()}, indent=2))
         if final.exists():

@@ -239,14 +239,15 @@ class MegatronPreferenceModel:
         return box[0] or {}
 
     # ------------------------------------------------------------------------------- checkpoints
-    def save(self, root, step: int, trainer_state: dict[str, Any], *, keep_last: int, parts=ckpt.EVERYTHING):
+    def save(self, root, step: int, trainer_state: dict[str, Any], *, keep_last: int, parts=ckpt.EVERYTHING,
+             extra_files=None):
         """Weights (``parts`` of them: LoRA runs over loaded base weights save the adapters only),
         optimizer, scheduler and ``trainer_state`` as ``root/step_NNNNNNN`` (atomic)."""
         state = {**trainer_state, "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                  "layout": ckpt.layout_state(), "vocab_size": self.vocab_size}
         with self.updated_weights():
             return ckpt.save_checkpoint(root, step, self.chunks, self.optimizer, state, keep_last=keep_last,
-                                        parts=parts)
+                                        parts=parts, extra_files=extra_files)
 
     def resume(self, path, *, base=None) -> dict[str, Any]:
         """Weights, optimizer state (under the same layout; otherwise fp32 masters from the loaded

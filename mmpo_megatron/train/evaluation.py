@@ -25,3 +25,12 @@ def evaluate(model: MegatronPreferenceModel, pairs, reference: PairLogProbs | No
         metrics["nll/chosen_per_token"] = logps.chosen_nll_per_token().mean().item()
         metrics["pairs"] = float(len(pairs))
     return model.from_last_stage(metrics)
+
+
+def lm_nll(model: MegatronPreferenceModel, documents) -> float:
+    """The mean per-token NLL of a corpus laid out by data/lm.py (every rank gets it)."""
+    scores = model.score(documents)
+    value = None
+    if model.last_stage:
+        value = {"nll": float(-scores.chosen.double().sum() / scores.chosen_tokens.sum().clamp(min=1))}
+    return model.from_last_stage(value)["nll"]

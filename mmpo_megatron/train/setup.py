@@ -145,3 +145,26 @@ def build_reference(cfg: TrainConfig, model: MegatronPreferenceModel, train_pair
     reference = PrecomputedReference(Path(cfg.reference.cache_dir or out / "reference_cache"), key, weights)
     reference.prepare(model, train_pairs)
     return reference
+
+
+def source_metadata(cfg: TrainConfig) -> dict[str, Path]:
+    """The run's source model's hf_config.json and generation_config.json (from the converted
+    checkpoint of checkpoint.load_weights or model.from_hf, or an HF folder's config.json), which
+    every checkpoint carries so that an export generates as the source did."""
+    from mmpo_megatron.convert.checkpoints import GENERATION_CONFIG, HF_CONFIG
+
+    found: dict[str, Path] = {}
+    for given in (cfg.checkpoint.load_weights, cfg.model.from_hf):
+        if not given:
+            continue
+        folders = [Path(given)]
+        try:
+            folders.append(ckpt.resolve_checkpoint(given))
+        except (FileNotFoundError, ckpt.DamagedCheckpointError):
+            pass
+        for folder in folders:
+            for name, candidates in ((HF_CONFIG, (HF_CONFIG, "config.json")), (GENERATION_CONFIG, (GENERATION_CONFIG,))):
+                for candidate in candidates:
+                    if name not in found and (folder / candidate).is_file():
+                        found[name] = folder / candidate
+    return found

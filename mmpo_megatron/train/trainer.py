@@ -19,10 +19,11 @@ from mmpo_megatron.data.sampling import PairSampler
 from mmpo_megatron.model import checkpoint as ckpt
 from mmpo_megatron.model.preference_model import MegatronPreferenceModel
 from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
-from mmpo_megatron.train.evaluation import evaluate
+from mmpo_megatron.data.lm import lm_documents
+from mmpo_megatron.train.evaluation import evaluate, lm_nll
 from mmpo_megatron.train.logger import MetricsLogger
 from mmpo_megatron.train.preflight import preflight
-from mmpo_megatron.train.setup import build_reference, load_data, prepare_run_folder
+from mmpo_megatron.train.setup import build_reference, load_data, prepare_run_folder, source_metadata
 
 log = logging.getLogger("mmpo_megatron")
 
@@ -50,6 +51,11 @@ class Trainer:
         self.is_rank0 = torch.distributed.get_rank() == 0
         self.out = prepare_run_folder(cfg, self.is_rank0)
         self.tokenizer, self.train_pairs, self.eval_pairs = load_data(cfg, self.out, self.is_rank0)
+        self.lm_documents = None
+        if cfg.eval.lm_data:
+            self.lm_documents = lm_documents(cfg.eval.lm_data, self.tokenizer, cfg.eval.lm_max_length or cfg.data.max_length,
+                                             cfg.eval.lm_max_documents)
+        self.lm_nll_ref: float | None = None  # the reference's NLL on lm_documents (scored once)
         gbs = cfg.train.global_batch_size
         self.steps_per_epoch = len(self.train_pairs) // gbs
         if self.steps_per_epoch == 0:
@@ -63,10 +69,12 @@ class Trainer:
     def train(self) -> list[dict[str, Any]]:
         """Resume or load starting weights, then step until ``total_steps``; returns the records."""
         cfg, model = self.cfg, self.model
-        step, consumed, skipped, resumed = self.start()
+        step, consumed, skipped, resumed, resumed_state = self.start()
         model.set_reference(build_reference(cfg, model, self.train_pairs, self.out, policy_is_initial=not resumed))
         evaluates = bool(cfg.train.eval_interval) and self.eval_pairs is not None
         eval_reference = model.reference.score(model, self.eval_pairs) if model.reference and evaluates else None
+        if self.lm_documents is not None and cfg.train.eval_interval:
+            self.lm_nll_ref = self.lm_reference(resumed_state)
         sampler = PairSampler(len(self.train_pairs), cfg.train.global_batch_size, cfg.train.micro_batch_size,
                               model.layout.data_rank, model.layout.data_parallel, seed=cfg.data.seed,
                               lengths=self.pair_lengths() if cfg.data.group_by_length else None)
@@ -74,7 +82,7 @@ class Trainer:
         logger.start_at(step)
         interval, in_a_row = cfg.train.eval_interval, 0
         if interval and step == 0:
-            self.log(logger, 0, "eval", evaluate(model, self.eval_pairs, eval_reference, cfg.loss))
+            self.log(logger, 0, "eval", self.evaluation(eval_reference))
         try:
             while step < self.total_steps:
                 started = time.perf_counter()
@@ -93,16 +101,41 @@ class Trainer:
                 if step % cfg.train.log_interval == 0 or step == self.total_steps:
                     self.log(logger, step, "train", metrics)
                 if interval and (step % interval == 0 or step == self.total_steps):
-                    self.log(logger, step, "eval", evaluate(model, self.eval_pairs, eval_reference, cfg.loss))
+                    self.log(logger, step, "eval", self.evaluation(eval_reference))
                 if (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0) or step == self.total_steps:
                     self.save(step, consumed, skipped)
         finally:
             logger.close()
         return self.records
 
-    def start(self) -> tuple[int, int, int, bool]:
-        """(step, consumed samples, skipped steps, resumed?) from the newest intact checkpoint, or
-        a fresh start from ``checkpoint.load_weights`` / the seeded initialisation."""
+    def evaluation(self, eval_reference) -> dict[str, float]:
+        """The held-out preference metrics and, with eval.lm_data, the corpus NLL against the reference's."""
+        metrics = evaluate(self.model, self.eval_pairs, eval_reference, self.cfg.loss)
+        if self.lm_documents is not None:
+            nll = lm_nll(self.model, self.lm_documents)
+            metrics["lm/nll"] = nll
+            if self.lm_nll_ref is not None:
+                metrics.update({"lm/nll_ref": self.lm_nll_ref, "lm/nll_delta": nll - self.lm_nll_ref})
+        return metrics
+
+    def lm_reference(self, resumed_state: dict | None) -> float | None:
+        """The reference's NLL on the lm corpus: from the reference source, or, for a reference-free
+        loss, the starting policy's (measured before the first step, kept in the checkpoints)."""
+        model = self.model
+        if model.reference is not None:
+            scores = model.reference.score(model, self.lm_documents)
+            value = None
+            if model.last_stage:
+                value = {"nll": float(-scores.chosen.double().sum() / scores.chosen_tokens.sum().clamp(min=1))}
+            return model.from_last_stage(value)["nll"]
+        if resumed_state is not None:
+            return resumed_state.get("lm_nll_ref")
+        return lm_nll(model, self.lm_documents)
+
+    def start(self) -> tuple[int, int, int, bool, dict | None]:
+        """(step, consumed samples, skipped steps, resumed?, the checkpoint's trainer state) from
+        the newest intact checkpoint, or a fresh start from ``checkpoint.load_weights`` / the seeded
+        initialisation."""
         cfg = self.cfg
         resume_from = ckpt.latest_intact_checkpoint(self.out / "checkpoints") if cfg.checkpoint.resume else None
         if resume_from is None:
@@ -110,7 +143,7 @@ class Trainer:
                 loaded = self.model.load_weights(cfg.checkpoint.load_weights)
                 if self.is_rank0:
                     print(f"policy weights loaded from {loaded}", flush=True)
-            return 0, 0, 0, False
+            return 0, 0, 0, False, None
         if cfg.model.lora.enabled:  # adapters-only checkpoints name the base they trained on
             ckpt.check_lora_settings(resume_from, cfg.model.lora)
             ckpt.check_lora_base(resume_from, cfg.checkpoint.load_weights)
@@ -121,7 +154,7 @@ class Trainer:
             if step >= self.total_steps:
                 print(f"nothing to train: this run already reached its {self.total_steps} steps; set a new "
                       f"train.output_dir, raise train.max_steps, or pass train.overwrite_output_dir=true", flush=True)
-        return step, state["consumed_samples"], state.get("skipped_steps", 0), True
+        return step, state["consumed_samples"], state.get("skipped_steps", 0), True, state
 
     def nonfinite(self, logger: MetricsLogger, step: int, in_a_row: int) -> None:
         """Say that a step was skipped; abort after ``train.max_nonfinite_steps`` in a row."""
@@ -149,14 +182,15 @@ class Trainer:
         """A checkpoint with what a resume, score_pairs and the HF export need."""
         cfg = self.cfg
         state = {"consumed_samples": consumed, "skipped_steps": skipped, "model": asdict(cfg.model),
-                 "tokenizer": cfg.data.tokenizer, "train_config": asdict(cfg)}
+                 "tokenizer": cfg.data.tokenizer, "train_config": asdict(cfg), "lm_nll_ref": self.lm_nll_ref}
         parts = ckpt.EVERYTHING
         if cfg.model.lora.enabled and cfg.checkpoint.load_weights:
             # The frozen base is already on disk: save the adapters, and which base they go with.
             if self._lora_base is None:
                 self._lora_base = ckpt.lora_base_record(cfg.checkpoint.load_weights)
             state[ckpt.LORA_BASE], parts = self._lora_base, ckpt.ADAPTERS_ONLY
-        path = self.model.save(self.out / "checkpoints", step, state, keep_last=cfg.checkpoint.keep_last, parts=parts)
+        path = self.model.save(self.out / "checkpoints", step, state, keep_last=cfg.checkpoint.keep_last, parts=parts,
+                               extra_files=source_metadata(cfg))
         if self.is_rank0:
             print(f"\ncheckpoint saved: {path}", flush=True)
 
