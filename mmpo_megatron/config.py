@@ -169,7 +169,8 @@ class DataSourceConfig:
     """auto, plain, orca, ultrafeedback, conversational, nemo, or columns (with ``columns``)."""
 
     weight: float = 1.0
-    """The fraction of this source an epoch uses (alignment-handbook's dataset_mixer): 1.0 is every
+    """The fraction of this source an epoch uses (like alignment-handbook's dataset_mixer
+    fractions, but sampled with data.seed and repeating above 1): 1.0 is every
     pair once, 0.5 a seeded half, 2.0 every pair twice. The paper concatenates its two sets (1.0
     each). Held-out sources never repeat a pair (a weight above 1 counts as 1)."""
 
@@ -578,7 +579,8 @@ class TrainerConfig:
     """Evaluate on held-out pairs every N steps (and at step 0 and the end); 0 disables."""
 
     eval_max_pairs: int | None = None
-    """Cap on held-out pairs per evaluation (None: all)."""
+    """Cap on held-out pairs per evaluation: a seeded sample (data.seed) across the held-out
+    sources, the same at every evaluation (None: all)."""
 
     log_interval: int = 1
     """Write metrics every N steps."""
@@ -597,6 +599,12 @@ class TrainerConfig:
     seed: int = 1234
     """Seed of data order and model initialisation."""
 
+    max_wall_minutes: float | None = None
+    """Wall-clock budget of this process, counted from its start: the run saves and stops (exit
+    code 75, resumable) when the next step plus a save would not fit, estimated from the steps and
+    saves measured so far. A Slurm job sets it from its remaining time
+    (examples/slurm/train_mmpo.sbatch). None: no budget. SIGTERM and SIGUSR1 stop the same way."""
+
     def __post_init__(self) -> None:
         _require(self.global_batch_size >= 1, "train.global_batch_size", f"must be >= 1, got {self.global_batch_size}")
         _require(self.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
@@ -609,6 +617,8 @@ class TrainerConfig:
         _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
         _require(self.eval_interval >= 0, "train.eval_interval", f"must be >= 0, got {self.eval_interval}")
         _require(self.log_interval >= 1, "train.log_interval", f"must be >= 1, got {self.log_interval}")
+        _require(self.max_wall_minutes is None or self.max_wall_minutes > 0, "train.max_wall_minutes",
+                 f"must be > 0, got {self.max_wall_minutes}")
 
 
 REFERENCE_MODES = ("auto", "precompute", "resident", "cpu_swap", "adapters_off")
@@ -657,6 +667,12 @@ class CheckpointConfig:
 
     load_weights: str | None = None
     """Start the policy from these weights only (an SFT or converted HF checkpoint); any TP/PP."""
+
+    async_save: bool = False
+    """Write the periodic checkpoints in the background (dist_checkpointing's asynchronous save: a
+    forked writer per rank) while training goes on; the folder is marked complete only once every
+    rank's write has finished. The last save of a run, or of a stop, is waited for before exit.
+    False: each save blocks training until written (docs/benchmarks/checkpoint_save.md measures both)."""
 
     def __post_init__(self) -> None:
         _require(self.save_interval >= 0, "checkpoint.save_interval", f"must be >= 0, got {self.save_interval}")

@@ -7,6 +7,7 @@ reference's sums. The same object is a micro-batch's loss input, a whole data se
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Sequence
@@ -105,7 +106,7 @@ class PairLogProbs:
     # ------------------------------------------------------------------------- storage
     def save(self, path: Path) -> None:
         """Write atomically (temporary file, then rename)."""
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp = path.with_suffix(f".tmp-{socket.gethostname()}-{os.getpid()}")  # unique on a shared filesystem
         torch.save({f.name: getattr(self, f.name) for f in fields(self)}, tmp)
         tmp.rename(path)
 

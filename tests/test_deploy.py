@@ -303,14 +303,19 @@ def test_the_sweep_submits_the_papers_grid_sharing_one_reference_cache(tmp_path)
     """examples/slurm/sweep.sh (dry run): 3 losses x 4 betas, the paper's learning rate per loss,
     SimPO's gamma 1.6 x beta, one run folder each, one reference cache; every job's overrides
     compose on its recipe."""
-    done = subprocess.run(["bash", "examples/slurm/sweep.sh", "smollm2_360m_mmpo", str(tmp_path), "data.tokenizer=/m"],
-                          cwd=REPO, env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True, timeout=60)
+    # A relative output root is the caller's, not the repository's (the script changes folder).
+    done = subprocess.run(["bash", str(REPO / "examples/slurm/sweep.sh"), "smollm2_360m_mmpo", "sweep", "data.tokenizer=/m"],
+                          cwd=tmp_path, env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+    tmp_path = tmp_path / "sweep"
     jobs = [shlex.split(line) for line in done.stdout.splitlines()]
     assert len(jobs) == 12
     seen = {}
     for job in jobs:
+        assert job[:job.index("examples/slurm/train_mmpo.sbatch")][-2:] == ["--nodes=1", "--gpus-per-node=1"]
         args = job[job.index("examples/slurm/train_mmpo.sbatch") + 1:]
+        if "loss=simpo" in args:
+            assert any(a in ("loss.gamma=0.016", "loss.gamma=0.08", "loss.gamma=0.16", "loss.gamma=0.8") for a in args), args
         assert args[:2] == ["--config-name", "smollm2_360m_mmpo"]
         cfg = composed(args[1], args[2:])
         seen[(cfg.loss.name, cfg.loss.beta)] = cfg

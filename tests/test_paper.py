@@ -38,6 +38,11 @@ def tiny_hf(tmp_path_factory):
     model.save_pretrained(root / "hf")
     build_byte_tokenizer().save_pretrained(root / "hf")
     run_on_ranks(convert_hf_to_megatron, 1, root / "hf", root / "mcore", dtype="fp32")
+    with torch.random.fork_rng():  # other weights of the same shape: a reference that is not the policy
+        torch.manual_seed(1)
+        AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).save_pretrained(root / "hf_other")
+    build_byte_tokenizer().save_pretrained(root / "hf_other")
+    run_on_ranks(convert_hf_to_megatron, 1, root / "hf_other", root / "mcore_other", dtype="fp32")
     (root / "corpus.txt").write_text("\n".join(DOCUMENTS) + "\n")
     return root
 
@@ -71,14 +76,14 @@ def train(cfg):
 # ------------------------------------------------------------------------------------------ capability tracking
 
 
-def hf_corpus_nll(root: Path, max_length: int) -> float:
+def hf_corpus_nll(root: Path, max_length: int, folder: str = "hf") -> float:
     """The corpus's mean per-token NLL under transformers' own forward of the HF model, in float64."""
     from transformers import AutoModelForCausalLM
 
     from mmpo_megatron.data.tokenizer import load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(root / "hf", torch_dtype=torch.float64).eval()
-    tokenizer = load_tokenizer(str(root / "hf"))
+    model = AutoModelForCausalLM.from_pretrained(root / folder, torch_dtype=torch.float64).eval()
+    tokenizer = load_tokenizer(str(root / folder))
     total, count = 0.0, 0
     with torch.no_grad():
         for text in DOCUMENTS:
@@ -108,6 +113,48 @@ def test_the_run_watches_its_language_modelling_nll_on_a_corpus(tiny_hf, tp, los
     assert end["lm/nll"] != pytest.approx(start["lm/nll"], rel=1e-4)  # training moved it
     assert end["lm/nll_delta"] == pytest.approx(end["lm/nll"] - end["lm/nll_ref"], abs=1e-9)
     assert end["lm/nll_ref"] == start["lm/nll_ref"]  # scored once
+
+
+def lm_reference_runs(root):
+    """MMPO with a reference of other weights; SimPO (reference-free) saved at step 1, then resumed
+    from it on the same corpus and on the corpus cut shorter."""
+    from run_folders import seed_run_folder
+
+    root = Path(root)
+    corpus = EvalConfig(lm_data=str(root / "corpus.txt"), lm_max_length=24)
+    out = {"other_reference": train(small_run(root, "lm_other_ref", loss=LossConfig(name="mmpo"), eval=corpus,
+                                              reference=ReferenceConfig(mode="precompute", checkpoint=str(root / "mcore_other"))))}
+
+    def simpo(name, lm_max_length=24):
+        cfg = small_run(root, name, loss=LossConfig(name="simpo"), eval=dataclasses.replace(corpus, lm_max_length=lm_max_length))
+        cfg.checkpoint = dataclasses.replace(cfg.checkpoint, save_interval=1, keep_last=2)
+        return cfg
+
+    out["simpo"] = train(simpo("lm_simpo"))
+    for name, length in (("simpo_resumed", 24), ("simpo_other_corpus", 20)):
+        seed_run_folder(root / "lm_simpo", root / name, 1, reference_cache=False)
+        out[name] = train(simpo(name, length))
+    return out
+
+
+def test_the_lm_reference_is_the_reference_and_survives_a_resume(tiny_hf):
+    """lm/nll_ref is the reference's NLL when the reference is other weights (transformers' float64
+    NLL of those), not the policy's; a reference-free run keeps its starting policy's NLL across a
+    resume, and drops it (no delta) when the corpus changed."""
+    root = tiny_hf
+    runs = run_on_ranks(lm_reference_runs, 1, str(root))[0]
+    start = [r for r in runs["other_reference"] if r["split"] == "eval"][0]
+    assert start["lm/nll"] == pytest.approx(hf_corpus_nll(root, 24), rel=1e-5)
+    assert start["lm/nll_ref"] == pytest.approx(hf_corpus_nll(root, 24, "hf_other"), rel=1e-5)
+    # Two random tiny models sit near ln(vocab) alike: 1.8e-3 apart, 30x the tolerance above.
+    assert abs(start["lm/nll_ref"] - start["lm/nll"]) > 20 * 1e-5 * start["lm/nll"]
+    first = [r for r in runs["simpo"] if r["split"] == "eval"]
+    resumed = [r for r in runs["simpo_resumed"] if r["split"] == "eval"]
+    assert [r["step"] for r in resumed] == [2]
+    assert resumed[0]["lm/nll_ref"] == first[0]["lm/nll_ref"]
+    assert resumed[0]["lm/nll"] == pytest.approx(first[-1]["lm/nll"], rel=1e-6)
+    (changed,) = [r for r in runs["simpo_other_corpus"] if r["split"] == "eval"]
+    assert "lm/nll" in changed and "lm/nll_ref" not in changed and "lm/nll_delta" not in changed
 
 
 # ------------------------------------------------------------------------------------------ exports that generate
@@ -200,6 +247,15 @@ def test_generations_for_alpaca_eval_from_a_checkpoint_and_from_an_hf_folder(tin
     assert {r["generator"] for r in from_hf} == {"hf"} and {r["generator"] for r in from_checkpoint} == {"tiny"}
     assert [r["output"] for r in from_hf] == [r["output"] for r in from_checkpoint]
     assert any(r["output"] for r in from_hf)  # something was generated
+    # Batching (left padding, the prompt sliced off) changes nothing: greedy, two a batch against one.
+    greedy = [*argv, "--temperature", "0"]
+    results = run_on_ranks(tool_main, 1, str(REPO / "tools/generate.py"), [
+        ["--model", str(root / "hf"), "--output", str(tmp_path / "batched.json"), *greedy],
+        ["--model", str(root / "hf"), "--output", str(tmp_path / "single.json"), *greedy, "--batch-size", "1"]])[0]
+    assert [code for code, _, _ in results] == [0, 0], results
+    batched, single = (json.loads((tmp_path / f).read_text()) for f in ("batched.json", "single.json"))
+    assert [r["output"] for r in batched] == [r["output"] for r in single]
+    assert len({r["output"] for r in single}) > 1  # the prompts lead to different text
 
 
 # ------------------------------------------------------------------------------------------ the beta sweep
@@ -230,10 +286,12 @@ def test_one_reference_cache_serves_the_sweep_and_compare_runs_tabulates_and_plo
     assert files["mmpo-beta0.1"] and files["dpo-beta0.5"] == files["mmpo-beta0.1"]
     first_dpo = [r for r in runs["dpo-beta0.5"] if r["split"] == "train"][0]
     assert first_dpo["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    folders = [str(root / "sweep" / name) for name in runs]
+    folders = sorted(str(p) for p in (root / "sweep").iterdir())  # as a shell's sweep/* gives them
+    assert str(root / "sweep" / "reference_cache") in folders
     code, stdout, stderr = run_on_ranks(tool_main, 1, str(REPO / "tools/compare_runs.py"),
                                         [[*folders, "--png", str(tmp_path / "sweep.png"), "--table", str(tmp_path / "t.md")]])[0][0]
     assert code == 0, stderr
+    assert "skipped" in stderr and "reference_cache" in stderr
     rows = [line for line in stdout.splitlines() if line.startswith("| dpo") or line.startswith("| mmpo")]
     assert len(rows) == 2 and rows[0].startswith("| dpo | 0.5 | 2 |") and rows[1].startswith("| mmpo | 0.1 | 2 |")
     last_mmpo = [r for r in runs["mmpo-beta0.1"] if r["split"] == "eval"][-1]

@@ -618,6 +618,75 @@ def test_config_errors_name_the_field_before_heavy_work():
         validate_layout(ModelConfig(num_layers=4, recompute="full", recompute_num_layers=3), ParallelConfig(pipeline_parallel=2))
     assert ParallelConfig(tensor_parallel=2).uses_sequence_parallel and not ParallelConfig().uses_sequence_parallel
     assert not ParallelConfig(tensor_parallel=2, sequence_parallel=False).uses_sequence_parallel
+    with pytest.raises(ConfigError, match="train.max_wall_minutes: must be > 0, got 0"):
+        resolve_config(OmegaConf.create({"train": {"max_wall_minutes": 0}}))
+    from mmpo_megatron.train.preflight import check_lm_documents_fit
+
+    packed = make_config("unused")
+    packed.data = dataclasses.replace(packed.data, packing=True)
+    packed.eval = dataclasses.replace(packed.eval, lm_data="corpus.txt", lm_max_length=63)
+    with pytest.raises(ConfigError, match="eval.lm_max_length: a document of 63 tokens is scored in a packed row of 65, "
+                                          "longer than the packed row length 64"):
+        check_lm_documents_fit(packed, "cpu")
+    packed.eval.lm_max_length = 62
+    check_lm_documents_fit(packed, "cpu")
+
+
+def test_a_capped_evaluation_samples_every_held_out_source():
+    """train.eval_max_pairs over concatenated sources: a seeded sample drawn from all of them (the
+    first N would be the first source's alone), the same every time."""
+    from mmpo_megatron.train.setup import held_out_sample
+
+    sample = held_out_sample(1000, 100, seed=3)
+    assert sample == sorted(set(sample)) and len(sample) == 100 and sample == held_out_sample(1000, 100, seed=3)
+    second_half = [sum(i >= 500 for i in held_out_sample(1000, 100, seed)) for seed in range(20)]
+    assert 40 <= sum(second_half) / 20 <= 60 and min(second_half) > 0
+
+
+def cache_waits_for_another_run(cache_dir):
+    """A lock on the cache entry held by 'another run', which writes the entry and lets go after a
+    moment: cached_scores waits, then loads it, never computing."""
+    import threading
+    import time
+
+    from mmpo_megatron.model import reference
+    from mmpo_megatron.pair_logprobs import PairLogProbs
+    from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
+
+    initialize_parallel(device="cpu")
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir()
+    reference.LOCK_POLL_S = 0.05
+    other = (cache_dir / "ref_k.lock").open("a")
+    import fcntl
+
+    fcntl.flock(other, fcntl.LOCK_EX)
+    scores = PairLogProbs(chosen=torch.tensor([-1.5]), rejected=torch.tensor([-2.5]), chosen_tokens=torch.tensor([3]),
+                          rejected_tokens=torch.tensor([4]))
+
+    def the_other_run():
+        time.sleep(0.5)
+        scores.save(cache_dir / "ref_k.pt")
+        fcntl.flock(other, fcntl.LOCK_UN)
+
+    def compute():
+        raise AssertionError("scored again while another run held the entry")
+
+    thread = threading.Thread(target=the_other_run)
+    started = time.perf_counter()
+    thread.start()
+    loaded = reference.cached_scores(cache_dir, "k", compute, is_writer=True, on_last_stage=True, device="cpu")
+    waited = time.perf_counter() - started
+    thread.join()
+    destroy_parallel()
+    return waited, loaded.chosen.tolist()
+
+
+def test_runs_sharing_a_reference_cache_score_an_entry_once(tmp_path):
+    """The sweep's jobs start together on one cache: the second waits on the entry's lock while the
+    first scores, then loads the first's file."""
+    waited, chosen = run_on_ranks(cache_waits_for_another_run, 1, str(tmp_path / "cache"))[0]
+    assert waited >= 0.5 and chosen == [-1.5]
 
 
 def run_demo(out):

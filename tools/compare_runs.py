@@ -6,9 +6,13 @@ NLL change against beta, per loss, as a table and a PNG.
 
 Each run folder (examples/slurm/sweep.sh makes one per loss x beta) has the resolved config.yaml
 (the loss and its beta) and metrics.jsonl; a run's figures are its last evaluation's:
-``rewards/accuracies`` (the held-out reward accuracy), ``implicit_rewards/accuracies`` (policy vs
-reference, where the loss has a reference) and ``lm/nll_delta`` (with eval.lm_data: how far the
-model's NLL on that corpus moved from the reference's; the paper's second claim).
+``rewards/accuracies`` (held-out pairs whose chosen reward beats the rejected one, by each loss's
+own reward: MMPO's scores sc > sr, which hold the normalised prior; DPO's and IPO's implicit
+reward; SimPO's beta x mean log-prob. So compare it across betas within a loss),
+``implicit_rewards/accuracies`` (the same policy-vs-reference reward for every loss that has a
+reference: the column to compare MMPO with DPO) and ``lm/nll_delta`` (with eval.lm_data: how far the
+model's NLL on that corpus moved from the reference's; the paper's second claim). Folders given
+that are not run folders (a sweep's reference_cache) are skipped with a note.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--png", help="write the plot here")
     p.add_argument("--table", help="write the markdown table here too")
     return p.parse_args(argv)
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a run's config.yaml and metrics.jsonl."""
+    return (folder / "config.yaml").is_file() and (folder / "metrics.jsonl").is_file()
 
 
 def read_run(folder: Path) -> dict:
@@ -79,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry."""
     args = parse_args(argv)
     try:
-        rows = [read_run(Path(r)) for r in args.runs]
+        runs = [Path(r) for r in args.runs]
+        for skipped in [r for r in runs if not is_run_folder(r)]:
+            print(f"skipped {skipped}: no config.yaml and metrics.jsonl (not a run folder)", file=sys.stderr)
+        rows = [read_run(r) for r in runs if is_run_folder(r)]
+        if not rows:
+            raise ValueError("none of the folders given is a run folder")
     except (OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -74,6 +74,20 @@ def hf_folder(model: str, scratch: Path) -> Path:
         destroy_parallel(destroy_process_group=True)
 
 
+def stop_token_ids(generation_config, tokenizer) -> list[int]:
+    """Where generation stops: the generation config's end tokens (a chat model's end-of-turn) and
+    the tokenizer's end-of-sequence token; a warning when the generation config names none."""
+    configured = generation_config.eos_token_id
+    ids = list(configured) if isinstance(configured, (list, tuple)) else ([configured] if configured is not None else [])
+    if not ids:
+        print("warning: the model's generation_config.json names no eos_token_id; stopping at the tokenizer's "
+              f"end-of-sequence token {tokenizer.eos_token!r} only (a chat model's end-of-turn token may differ)",
+              file=sys.stderr)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
 def generate(args: argparse.Namespace) -> list[dict]:
     """The generations, one per prompt, in order."""
     import torch
@@ -91,7 +105,8 @@ def generate(args: argparse.Namespace) -> list[dict]:
         model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
         model = model.to(device).eval()
     generator = args.generator or Path(args.model).resolve().name
-    sampling = {"do_sample": args.temperature > 0, "max_new_tokens": args.max_new_tokens}
+    sampling = {"do_sample": args.temperature > 0, "max_new_tokens": args.max_new_tokens,
+                "eos_token_id": stop_token_ids(model.generation_config, tokenizer)}
     if args.temperature > 0:
         sampling.update(temperature=args.temperature, top_p=args.top_p)
     torch.manual_seed(args.seed)

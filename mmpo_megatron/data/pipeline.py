@@ -269,7 +269,8 @@ def _procs(config: DataConfig, dataset: datasets.Dataset) -> int | None:
 
 def weighted_positions(count: int, weight: float, seed: int) -> list[int]:
     """Which of a source's ``count`` pairs an epoch uses under ``weight``, the fraction of the
-    source per epoch (alignment-handbook's dataset_mixer): every pair ``floor(weight)`` times, then
+    source per epoch (like alignment-handbook's dataset_mixer fractions, which take a set's first
+    rows and stop at 1): every pair ``floor(weight)`` times, then
     a seeded sample of the fraction left (2.0: every pair twice; 0.5: a seeded half)."""
     import numpy as np
 

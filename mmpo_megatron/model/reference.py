@@ -16,9 +16,11 @@ stage (``fill``) and scores a whole data set (``score``, for evaluation).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
@@ -42,22 +44,64 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+LOCK_POLL_S = 10.0  # how often a run waiting for another's scoring looks again (a collective each time)
+
+
+@contextlib.contextmanager
+def cache_entry_lock(path: Path, *, is_writer: bool, device) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` for this run (taken by its writer rank, every rank
+    waiting with it), so that runs sharing a cache score an entry once: the first scores, the
+    others wait and then load. The ranks agree every LOCK_POLL_S, so no collective times out
+    while another run scores. A filesystem without locks is used unlocked (with a warning)."""
+    handle = None
+    if is_writer:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a")
+    told = False
+    while True:
+        held = 1
+        if handle is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held = 0
+            except OSError as exc:  # e.g. a Lustre mount without -o flock
+                log.warning("reference cache: no file lock on %s (%s): runs sharing the cache may score it twice", path, exc)
+        agreed = torch.tensor([held], dtype=torch.int32, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        if agreed.item():
+            break
+        if handle is not None and not told:
+            log.warning("reference cache: another run is scoring %s; waiting for it", path.with_suffix(".pt").name)
+            told = True
+        time.sleep(LOCK_POLL_S)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+
 def cached_scores(
     cache_dir: Path, key: str, compute: Callable[[], PairLogProbs | None], *, is_writer: bool, on_last_stage: bool, device
 ) -> PairLogProbs | None:
-    """Load ``ref_<key>.pt`` if present on every rank, else run ``compute()`` (all ranks) and save it."""
+    """Load ``ref_<key>.pt`` if present on every rank, else run ``compute()`` (all ranks) and save
+    it; under the entry's lock, so that runs started together on one cache score it once."""
     path = cache_dir / f"ref_{key}.pt"
-    present = torch.tensor([1 if path.exists() else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(present, op=dist.ReduceOp.MIN)  # every rank takes the same branch
-    if present.item():
-        log.info("reference log-probs: cache hit %s", path)
-        return PairLogProbs.load(path) if on_last_stage else None
-    scores = compute()
-    if is_writer:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        scores.save(path)
-    dist.barrier()
-    return scores
+    with cache_entry_lock(cache_dir / f"ref_{key}.lock", is_writer=is_writer, device=device):
+        present = torch.tensor([1 if path.exists() else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(present, op=dist.ReduceOp.MIN)  # every rank takes the same branch
+        if present.item():
+            log.info("reference log-probs: cache hit %s", path)
+            return PairLogProbs.load(path) if on_last_stage else None
+        scores = compute()
+        if is_writer:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            scores.save(path)
+        dist.barrier()
+        return scores
 
 
 def _set(micro_batches: Sequence[MicroBatch], scored: Sequence[tuple]) -> None:

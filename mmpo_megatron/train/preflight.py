@@ -77,4 +77,20 @@ def preflight(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if vocab < tokens:
         raise ConfigError(f"model.vocab_size: {vocab} is smaller than the tokenizer's {tokens} tokens")
     padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel)
+    check_lm_documents_fit(cfg, device)
     return cfg
+
+
+def check_lm_documents_fit(cfg: TrainConfig, device: str) -> None:
+    """Under packing, an eval.lm_data document (scored as a pair: its tokens plus two) must fit a packed row."""
+    from mmpo_megatron.model.builder import default_pack_length
+
+    if not (cfg.eval.lm_data and cfg.data.packing):
+        return
+    length = cfg.eval.lm_max_length or cfg.data.max_length
+    pack_length = cfg.data.pack_length or default_pack_length(cfg.model, cfg.data.max_length, cfg.train.micro_batch_size,
+                                                              device)
+    if length + 2 > pack_length:
+        raise ConfigError(f"eval.lm_max_length: a document of {length} tokens is scored in a packed row of {length + 2}, "
+                          f"longer than the packed row length {pack_length} (data.pack_length); lower "
+                          f"eval.lm_max_length to {pack_length - 2} or raise data.pack_length")

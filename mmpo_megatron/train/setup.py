@@ -60,12 +60,20 @@ def load_data(cfg: TrainConfig, out: Path, is_rank0: bool):
             sources = eval_sources(cfg.data)
             eval_pairs = build_pairs(sources, tokenizer, cfg.data, held_out=True)[0] if sources else None
         dist.barrier()
-    if cfg.train.eval_max_pairs and eval_pairs is not None:
-        eval_pairs = eval_pairs.select(range(min(cfg.train.eval_max_pairs, len(eval_pairs))))
+    if cfg.train.eval_max_pairs and eval_pairs is not None and len(eval_pairs) > cfg.train.eval_max_pairs:
+        eval_pairs = eval_pairs.select(held_out_sample(len(eval_pairs), cfg.train.eval_max_pairs, cfg.data.seed))
     if is_rank0:
         write_report(report, out / "data_report.json")
         print(f"data: {report.summary()}", flush=True)
     return tokenizer, train_pairs, eval_pairs
+
+
+def held_out_sample(count: int, size: int, seed: int) -> list[int]:
+    """A seeded sample of ``size`` of ``count`` held-out positions, in order: it draws from every
+    held-out source, where the first ``size`` would be the first source's alone."""
+    import numpy as np
+
+    return sorted(int(i) for i in np.random.default_rng(seed).choice(count, size=size, replace=False))
 
 
 def reference_cache_key(cfg: TrainConfig, weights_identity: str, device: str, vocab_size: int,

@@ -129,6 +129,10 @@ class Trainer:
                 value = {"nll": float(-scores.chosen.double().sum() / scores.chosen_tokens.sum().clamp(min=1))}
             return model.from_last_stage(value)["nll"]
         if resumed_state is not None:
+            if resumed_state.get("lm_documents") != self.lm_documents._fingerprint:
+                log.warning("eval.lm_data: the run started on other lm documents (eval.lm_data or lm_max_length changed): "
+                            "the starting policy's NLL on these is unknown, so lm/nll_ref and lm/nll_delta are not logged")
+                return None
             return resumed_state.get("lm_nll_ref")
         return lm_nll(model, self.lm_documents)
 
@@ -182,7 +186,8 @@ class Trainer:
         """A checkpoint with what a resume, score_pairs and the HF export need."""
         cfg = self.cfg
         state = {"consumed_samples": consumed, "skipped_steps": skipped, "model": asdict(cfg.model),
-                 "tokenizer": cfg.data.tokenizer, "train_config": asdict(cfg), "lm_nll_ref": self.lm_nll_ref}
+                 "tokenizer": _absolute_if_local(cfg.data.tokenizer), "train_config": asdict(cfg), "lm_nll_ref": self.lm_nll_ref,
+                 "lm_documents": None if self.lm_documents is None else self.lm_documents._fingerprint}
         parts = ckpt.EVERYTHING
         if cfg.model.lora.enabled and cfg.checkpoint.load_weights:
             # The frozen base is already on disk: save the adapters, and which base they go with.
@@ -193,6 +198,13 @@ class Trainer:
                                extra_files=source_metadata(cfg))
         if self.is_rank0:
             print(f"\ncheckpoint saved: {path}", flush=True)
+
+
+def _absolute_if_local(name: str) -> str:
+    """A local tokenizer folder as an absolute path (an export from another folder finds it); a hub name as is."""
+    from pathlib import Path
+
+    return str(Path(name).resolve()) if Path(name).exists() else name
 
 
 def _memory_gib(device: torch.device) -> float:
