@@ -1,5 +1,7 @@
 """Suite-wide pytest settings."""
 
+import pytest
+
 # The longest tests start first, so that two xdist workers (`make test`) do not end with one of them
 # alone on a long test collected last (test_trainer.py sorts after every other file). Measured on
 # the 2-core CI machine; the rest keep their collection order.
@@ -23,3 +25,20 @@ def pytest_collection_modifyitems(config, items):
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items[:] = sorted(items, key=rank)  # stable: ties keep collection order
+
+
+
+def pytest_configure(config):
+    """Refuse `--dist loadgroup` under pytest 9.2+ with pytest-xdist 3.8 or older, which lose the
+    groups silently (xdist marks a group in the node id, which pytest 9.2 no longer lets it
+    change): the many_ranks and cluster groups would then run on both workers at once, each
+    growing a four-rank pool or launching torchrun, and the suite would take far longer."""
+    from importlib.metadata import version
+
+    if config.getoption("dist", default="no") != "loadgroup":
+        return
+    pytest_version = tuple(int(part) for part in version("pytest").split(".")[:2])
+    xdist_version = tuple(int(part) for part in version("pytest-xdist").split(".")[:2])
+    if pytest_version >= (9, 2) and xdist_version <= (3, 8):
+        raise pytest.UsageError(f"pytest {version('pytest')} with pytest-xdist {version('pytest-xdist')} ignores "
+                                "xdist_group under --dist loadgroup: install pyproject's test extra (pytest<9.2)")

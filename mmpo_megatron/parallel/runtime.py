@@ -8,9 +8,11 @@ the CPU shim; ``device="cuda"`` runs nccl with one GPU per local rank.
 from __future__ import annotations
 
 import os
+import random
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -56,10 +58,31 @@ def resolve_device(device: str) -> str:
 
 
 def free_port() -> int:
-    """A TCP port that was free a moment ago on this host (for single-host rendezvous)."""
+    """A TCP port below the kernel's ephemeral range that was free a moment ago (single-host rendezvous)."""
+    # bind(0) would hand out an ephemeral port, which the kernel also gives to outgoing connections
+    # (gloo opens many): one can take it between this check and the store's listen (EADDRINUSE).
+    # Below the range only listeners compete; SystemRandom keeps seeded processes from agreeing.
+    ephemeral_low = _ephemeral_port_range()[0]
+    chooser = random.SystemRandom()
+    for _ in range(200):
+        port = chooser.randrange(max(1024, ephemeral_low - 10000), ephemeral_low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_port_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 # The torchrun variables this process set for itself (removed again by destroy_parallel, so a
