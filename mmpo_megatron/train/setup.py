@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -53,9 +54,11 @@ def load_data(cfg: TrainConfig, out: Path, is_rank0: bool):
     if not is_rank0:
         datasets.disable_progress_bars()
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    # Rank 0 tokenises first; the others then hit datasets' cache instead of racing it.
-    for turn in (True, False):
-        if is_rank0 == turn:
+    # Tokenisation fills datasets' cache. Global rank 0 goes first; then the first rank of each
+    # other node, which finds rank 0's result where the cache is shared storage and tokenises
+    # once for its node where each node has its own; then the rest, who all find a cache.
+    for turn in range(3):
+        if tokenisation_turn(dist.get_rank(), node_local_rank()) == turn:
             train_pairs, report = build_pairs(train_sources(cfg.data), tokenizer, cfg.data)
             sources = eval_sources(cfg.data)
             eval_pairs = build_pairs(sources, tokenizer, cfg.data, held_out=True)[0] if sources else None
@@ -66,6 +69,18 @@ def load_data(cfg: TrainConfig, out: Path, is_rank0: bool):
         write_report(report, out / "data_report.json")
         print(f"data: {report.summary()}", flush=True)
     return tokenizer, train_pairs, eval_pairs
+
+
+def node_local_rank() -> int:
+    """This process's rank on its node (torchrun's LOCAL_RANK; the global rank on one node without it)."""
+    return int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+
+
+def tokenisation_turn(rank: int, local_rank: int) -> int:
+    """When a rank tokenises: 0 global rank 0, 1 the first rank of every other node, 2 the rest."""
+    if rank == 0:
+        return 0
+    return 1 if local_rank == 0 else 2
 
 
 def held_out_sample(count: int, size: int, seed: int) -> list[int]:
