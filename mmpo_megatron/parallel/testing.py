@@ -54,8 +54,9 @@ def _set_rank_env(rank: int, world_size: int) -> None:
 def _prepare_rank_process() -> None:
     # Children re-import megatron, which warns about missing TE/Apex once per process and module.
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::DeprecationWarning,ignore::FutureWarning")
-    # On a time-out the parent sends SIGUSR1: every thread's stack goes to stderr, to show where it hangs.
-    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    # On a time-out the parent sends SIGUSR2: every thread's stack goes to stderr, to show where it
+    # hangs (SIGUSR1 and SIGTERM stop a training run: train/stopping.py).
+    faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True)
     # More ranks than cores: one thread each avoids oversubscription stalls.
     torch.set_num_threads(1)
 
@@ -190,10 +191,10 @@ def close_pool() -> None:
 
 
 def _print_stacks_then_kill(processes, stuck: list[int]) -> None:
-    """SIGUSR1 to the stuck ranks (faulthandler prints their stacks), then kill every live process."""
+    """SIGUSR2 to the stuck ranks (faulthandler prints their stacks), then kill every live process."""
     for rank in stuck:
         if processes[rank].is_alive():
-            os.kill(processes[rank].pid, signal.SIGUSR1)
+            os.kill(processes[rank].pid, signal.SIGUSR2)
     time.sleep(1.0)  # let faulthandler write the stacks
     for process in processes:
         if process.is_alive():
