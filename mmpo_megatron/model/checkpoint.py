@@ -311,21 +311,29 @@ def save_checkpoint(
     keep_last: int,
     parts: Parts = EVERYTHING,
     extra_files: dict[str, Path] | None = None,
+    background: "AsyncSaves | None" = None,
 ) -> Path:
     """Save atomically (temporary name, renamed when complete); prune to the newest ``keep_last``.
-    ``extra_files``: name -> file copied into the checkpoint (the source model's metadata)."""
+    ``extra_files``: name -> file copied into the checkpoint (the source model's metadata).
+    ``background``: write asynchronously; the folder is complete once ``background`` finalises it."""
     root = Path(root)
-    final = save_to(step_dir(root, step), chunks, optimizer, {**trainer_state, "step": step}, parts, extra_files)
-    if dist.get_rank() == 0:
-        for old in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
+
+    def prune() -> None:
+        if dist.get_rank() == 0:
+            for old in complete_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    return save_to(step_dir(root, step), chunks, optimizer, {**trainer_state, "step": step}, parts, extra_files,
+                   background=background, then=prune)
 
 
 def save_to(final: Path, chunks: Sequence[torch.nn.Module], optimizer, trainer_state: dict[str, Any],
-            parts: Parts = EVERYTHING, extra_files: dict[str, Path] | None = None) -> Path:
-    """Write a checkpoint folder under a temporary name and rename it when every rank is done."""
+            parts: Parts = EVERYTHING, extra_files: dict[str, Path] | None = None, *,
+            background: "AsyncSaves | None" = None, then=None) -> Path:
+    """Write a checkpoint folder under a temporary name and rename it when every rank is done
+    (``then`` runs after the rename). With ``background`` the tensors are written by a forked
+    process per rank, and the manifest, trainer state and rename wait for all of them."""
     from megatron.core import dist_checkpointing
 
     final = Path(final)
@@ -339,20 +347,119 @@ def save_to(final: Path, chunks: Sequence[torch.nn.Module], optimizer, trainer_s
     state = _model_state(chunks, parts)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
-    dist_checkpointing.save(state, str(tmp))
+    request = dist_checkpointing.save(state, str(tmp), async_sharded_save=background is not None)
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    dist.barrier()
-    if rank == 0:
-        for name, source in (extra_files or {}).items():
-            shutil.copy2(source, tmp / name)
-        (tmp / MANIFEST).write_text(json.dumps(_file_sizes(tmp), indent=1))
-        (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "world_size": dist.get_world_size()}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    dist.barrier()
+
+    def mark_complete() -> None:
+        dist.barrier()
+        if rank == 0:
+            for name, source in (extra_files or {}).items():
+                shutil.copy2(source, tmp / name)
+            (tmp / MANIFEST).write_text(json.dumps(_file_sizes(tmp), indent=1))
+            (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "world_size": dist.get_world_size()}, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        dist.barrier()
+        if then is not None:
+            then()
+
+    if background is None:
+        mark_complete()
+    else:
+        request.add_finalize_fn(mark_complete)
+        background.schedule(request, final)
     return final
+
+
+class AsyncSaves:
+    """Checkpoints being written in the background (megatron's AsyncCallsQueue, one forked writer
+    per rank and save), at most one at a time. Every method is called by all ranks together."""
+
+    def __init__(self) -> None:
+        self._queue = None
+        self.pending: Path | None = None
+        self._started = 0.0
+        self.last_duration_s: float | None = None  # from the schedule to the rename, of the last save
+
+    def schedule(self, request, final: Path) -> None:
+        """Start writing ``request``; a save still in flight is finished first."""
+        import time
+
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.wait()
+        if self._queue is None:
+            self._queue = AsyncCallsQueue(persistent=False)
+        self._started = time.perf_counter()
+        self._queue.schedule_async_request(request)
+        self.pending = final
+
+    def poll(self) -> Path | None:
+        """Finalise the save in flight if every rank's writer is done; returns its folder then (one
+        small all-reduce while a save is pending, none otherwise)."""
+        return self._finalize(blocking=False)
+
+    def wait(self) -> Path | None:
+        """Block until the save in flight is written and marked complete; returns its folder."""
+        return self._finalize(blocking=True)
+
+    def _finalize(self, blocking: bool) -> Path | None:
+        import time
+
+        if self.pending is None:
+            return None
+        self._queue.maybe_finalize_async_calls(blocking=blocking)
+        if self._queue.get_num_unfinalized_calls():
+            return None
+        done, self.pending = self.pending, None
+        self.last_duration_s = time.perf_counter() - self._started
+        return done
+
+    def abort(self) -> None:
+        """Kill this rank's writer (after an error): the folder stays unmarked, the previous checkpoint newest."""
+        if self._queue is not None:
+            # The queue's own close(abort=True) only stops a persistent writer; ours are one per save.
+            while self._queue.async_calls:
+                self._queue.async_calls.popleft().async_caller.close(abort=True)
+            self._queue.close(abort=True)
+        self.pending = None
+
+
+def keep_checkpoint_writes_through(signals: Sequence[int]) -> None:
+    """Make the results queue of dist_checkpointing's writers ignore ``signals``: a preemption
+    signals every process of the job, and megatron's own queue (a spawned Manager, started at the
+    first save, with default handlers) would die of it and fail the stop's checkpoint. Call once,
+    before the first save; the writers themselves are forks of the trainer and share its handlers."""
+    import multiprocessing as mp
+    import signal
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_shield_from, initargs=(tuple(signals),))
+    filesystem_async._results_queue = manager.Queue()
+    _QUEUE_MANAGERS.append(manager)  # alive until exit (it shuts down at exit, as megatron's does)
+
+
+_QUEUE_MANAGERS: list = []
+
+
+def _shield_from(signals: tuple[int, ...]) -> None:
+    """In the results queue's process: block ``signals``, and die with the trainer (a SIGKILLed
+    trainer would otherwise leave it behind, deaf to SIGTERM)."""
+    import ctypes
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if hasattr(libc, "prctl"):  # Linux
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL))
 
 
 def load_weights(path: str | Path, chunks: Sequence[torch.nn.Module], optimizer=None, *,

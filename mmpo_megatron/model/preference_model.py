@@ -240,14 +240,15 @@ class MegatronPreferenceModel:
 
     # ------------------------------------------------------------------------------- checkpoints
     def save(self, root, step: int, trainer_state: dict[str, Any], *, keep_last: int, parts=ckpt.EVERYTHING,
-             extra_files=None):
+             extra_files=None, background: ckpt.AsyncSaves | None = None):
         """Weights (``parts`` of them: LoRA runs over loaded base weights save the adapters only),
-        optimizer, scheduler and ``trainer_state`` as ``root/step_NNNNNNN`` (atomic)."""
+        optimizer, scheduler and ``trainer_state`` as ``root/step_NNNNNNN`` (atomic; written in the
+        background, and complete once ``background`` finalises it, when one is given)."""
         state = {**trainer_state, "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                  "layout": ckpt.layout_state(), "vocab_size": self.vocab_size}
         with self.updated_weights():
             return ckpt.save_checkpoint(root, step, self.chunks, self.optimizer, state, keep_last=keep_last,
-                                        parts=parts, extra_files=extra_files)
+                                        parts=parts, extra_files=extra_files, background=background)
 
     def resume(self, path, *, base=None) -> dict[str, Any]:
         """Weights, optimizer state (under the same layout; otherwise fp32 masters from the loaded
