@@ -6,6 +6,7 @@ import pytest
 # alone on a long test collected last (test_trainer.py sorts after every other file). Measured on
 # the 2-core CI machine; the rest keep their collection order.
 LONGEST_FIRST = (
+    "test_a_kill_mid_write_then_a_preemption_lose_nothing_and_the_requeued_job_matches",
     "test_two_steps_match_single_process_at_every_layout",
     "test_demo_held_out_reward_accuracy_rises",
     "test_from_hf_nine_heads_trains_at_tp3_with_no_shape_keys",

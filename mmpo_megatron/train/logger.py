@@ -19,7 +19,11 @@ CONSOLE_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "grad_norm", "t
 class MetricsLogger:
     """Fan-out of per-step metrics; a no-op object on ranks that do not log."""
 
-    def __init__(self, output_dir: str | Path, config: LoggingConfig, total_steps: int, enabled: bool, run_config: dict | None = None) -> None:
+    def __init__(self, output_dir: str | Path, config: LoggingConfig, total_steps: int, enabled: bool,
+                 run_config: dict | None = None, resume_step: int | None = None) -> None:
+        """``resume_step``: the step a run resumes after (-1: a start from scratch); what an earlier
+        attempt logged past it (between its last checkpoint and a crash) is dropped, so every step
+        is logged once."""
         self.enabled = enabled
         self.total_steps = total_steps
         self._bar = self._tb = self._wandb = None
@@ -28,11 +32,17 @@ class MetricsLogger:
             return
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and (dropped := drop_rows_after(out / "metrics.jsonl", resume_step)):
+            after = (f"past step {resume_step} (logged after the checkpoint resumed from)" if resume_step >= 0
+                     else "of an earlier attempt that saved no checkpoint")
+            print(f"metrics.jsonl: {dropped} rows {after} dropped", flush=True)
         self._jsonl = (out / "metrics.jsonl").open("a", encoding="utf-8")
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(out / "tensorboard"))
+            # purge_step: TensorBoard hides the events of the earlier attempt from that step on.
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=purge)
         if config.wandb:
             try:
                 import wandb
@@ -91,3 +101,27 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
         self._jsonl.close()
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Rewrite metrics.jsonl without its rows past ``step`` (atomically); returns how many were dropped."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except json.JSONDecodeError:  # a line cut short by a crash mid-write
+            dropped += 1
+            continue
+        if row_step > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
+    return dropped

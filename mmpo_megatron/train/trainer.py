@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mmpo_megatron.config import TrainConfig
+from mmpo_megatron.config import ConfigError, TrainConfig
 from mmpo_megatron.data.sampling import PairSampler
 from mmpo_megatron.model import checkpoint as ckpt
 from mmpo_megatron.model.preference_model import MegatronPreferenceModel
@@ -24,6 +24,7 @@ from mmpo_megatron.train.evaluation import evaluate, lm_nll
 from mmpo_megatron.train.logger import MetricsLogger
 from mmpo_megatron.train.preflight import preflight
 from mmpo_megatron.train.setup import build_reference, load_data, prepare_run_folder, source_metadata
+from mmpo_megatron.train.stopping import BUDGET_REASON, STOP_SIGNALS, StopConditions, TrainingStopped, write_run_status
 
 log = logging.getLogger("mmpo_megatron")
 
@@ -36,9 +37,10 @@ def run_training(cfg: TrainConfig) -> list[dict[str, Any]]:
     """Train; returns the logged records (on global rank 0; other ranks return [])."""
     # Before any process group, data or run folder exists: a bad config fails fast, naming the key.
     cfg = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    initialize_parallel(cfg.parallel)
+    layout = initialize_parallel(cfg.parallel)
     try:
-        return Trainer(cfg).train()
+        with StopConditions(cfg.train.max_wall_minutes, layout.device) as stops:
+            return Trainer(cfg).train(stops)
     finally:
         destroy_parallel()
 
@@ -66,8 +68,9 @@ class Trainer:
         self.records: list[dict[str, Any]] = []
         self._lora_base: dict[str, Any] | None = None  # what adapters-only checkpoints record of their base
 
-    def train(self) -> list[dict[str, Any]]:
-        """Resume or load starting weights, then step until ``total_steps``; returns the records."""
+    def train(self, stops: StopConditions | None = None) -> list[dict[str, Any]]:
+        """Resume or load starting weights, then step until ``total_steps`` or until ``stops``
+        says to stop (TrainingStopped, after a checkpoint); returns the records."""
         cfg, model = self.cfg, self.model
         step, consumed, skipped, resumed, resumed_state = self.start()
         model.set_reference(build_reference(cfg, model, self.train_pairs, self.out, policy_is_initial=not resumed))
@@ -78,13 +81,25 @@ class Trainer:
         sampler = PairSampler(len(self.train_pairs), cfg.train.global_batch_size, cfg.train.micro_batch_size,
                               model.layout.data_rank, model.layout.data_parallel, seed=cfg.data.seed,
                               lengths=self.pair_lengths() if cfg.data.group_by_length else None)
-        logger = MetricsLogger(self.out, cfg.logging, self.total_steps, enabled=self.is_rank0, run_config=asdict(cfg))
+        logger = MetricsLogger(self.out, cfg.logging, self.total_steps, enabled=self.is_rank0, run_config=asdict(cfg),
+                               resume_step=step if resumed else -1)  # -1: an attempt without a checkpoint
         logger.start_at(step)
         interval, in_a_row = cfg.train.eval_interval, 0
+        stops = stops or StopConditions(None, model.device)
+        stops.expect_save_bytes(self.checkpoint_bytes())
+        ckpt.keep_checkpoint_writes_through(STOP_SIGNALS)
         if interval and step == 0:
+            evaluating = time.perf_counter()
             self.log(logger, 0, "eval", self.evaluation(eval_reference))
+            stops.record_eval(time.perf_counter() - evaluating)
+        self.background = ckpt.AsyncSaves() if cfg.checkpoint.async_save else None
+        self.saved_step = step if resumed else None
+        first_step, reason = step, None
         try:
             while step < self.total_steps:
+                reason = stops.reason(next_step_evaluates=self.evaluates_at(step + 1))
+                if reason is not None:
+                    break
                 started = time.perf_counter()
                 metrics = model.train_step(model.micro_batches(self.train_pairs, sampler.step_microbatches(consumed)))
                 step, consumed = step + 1, consumed + cfg.train.global_batch_size
@@ -100,13 +115,72 @@ class Trainer:
                                    + (" (policy starts at the reference)" if not resumed and not cfg.reference.checkpoint else ""))
                 if step % cfg.train.log_interval == 0 or step == self.total_steps:
                     self.log(logger, step, "train", metrics)
-                if interval and (step % interval == 0 or step == self.total_steps):
+                stops.record_step(time.perf_counter() - started)
+                if self.evaluates_at(step):
+                    evaluating = time.perf_counter()
                     self.log(logger, step, "eval", self.evaluation(eval_reference))
-                if (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0) or step == self.total_steps:
-                    self.save(step, consumed, skipped)
+                    stops.record_eval(time.perf_counter() - evaluating)
+                self.checkpoint_after(step, consumed, skipped, stops)
+            if self.background is not None and self.background.wait() is not None:
+                stops.record_save(self.background.last_duration_s)
+            if reason is not None:
+                self.stop(logger, reason, step, consumed, skipped, stepped=step > first_step)
+        except BaseException:
+            if self.background is not None:
+                self.background.abort()  # its folder stays unmarked: the previous checkpoint is the newest
+            raise
         finally:
             logger.close()
         return self.records
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether the held-out evaluation runs after ``step``."""
+        interval = self.cfg.train.eval_interval
+        return bool(interval) and (step % interval == 0 or step == self.total_steps)
+
+    def checkpoint_after(self, step: int, consumed: int, skipped: int, stops: StopConditions) -> None:
+        """The periodic save (in the background with checkpoint.async_save) or the final one; and
+        the completion of a background save that finished meanwhile."""
+        save_interval = self.cfg.checkpoint.save_interval
+        if step == self.total_steps:
+            stops.record_save(self.save(step, consumed, skipped))
+        elif save_interval and step % save_interval == 0:
+            waited = self.save(step, consumed, skipped, in_background=True)
+            if self.background is None:
+                stops.record_save(waited)
+            else:
+                stops.record_background_save()
+        if self.background is not None and self.background.poll() is not None:
+            stops.record_save(self.background.last_duration_s)
+
+    def stop(self, logger: MetricsLogger, reason: str, step: int, consumed: int, skipped: int, *, stepped: bool) -> None:
+        """Save the last completed step (unless it is saved already) and raise TrainingStopped.
+        A wall-clock budget too short for a single step is a config error: a requeued job would
+        stop again at the same step, forever."""
+        if not stepped and reason.startswith(BUDGET_REASON):
+            raise ConfigError(f"{reason}, before this attempt's first step: give the job more time")
+        started = time.perf_counter()
+        if step > 0 and self.saved_step != step:
+            self.save(step, consumed, skipped)
+        checkpoint = None if self.saved_step is None else str(ckpt.step_dir(self.out / "checkpoints", self.saved_step))
+        logger.message(f"stopped after step {step} ({reason}): "
+                       + (f"checkpoint {checkpoint} ({time.perf_counter() - started:.1f} s)" if checkpoint else "nothing trained yet")
+                       + "; run the same command to resume")
+        stopped = TrainingStopped(reason, step, checkpoint, self.records)
+        write_run_status(stopped.status())
+        # Every rank waits for the status: `srun --kill-on-bad-exit` ends the other nodes as soon
+        # as one node's ranks exit with STOPPED_EXIT_CODE.
+        torch.distributed.barrier()
+        raise stopped
+
+    def checkpoint_bytes(self) -> int:
+        """About how many bytes this rank writes to a checkpoint: its weights, and fp32 masters and
+        Adam moments of its trainable ones (sharded over DP by the distributed optimizer)."""
+        params = [p for chunk in self.model.chunks for p in chunk.parameters()]
+        weights = sum(p.numel() * p.element_size() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        shards = self.model.layout.data_parallel if self.cfg.optim.distributed_optimizer else 1
+        return int(weights + 12 * trainable / shards)
 
     def evaluation(self, eval_reference) -> dict[str, float]:
         """The held-out preference metrics and, with eval.lm_data, the corpus NLL against the reference's."""
@@ -182,9 +256,15 @@ class Trainer:
         if self.is_rank0:
             self.records.append({"step": step, "split": split, **metrics})
 
-    def save(self, step: int, consumed: int, skipped: int) -> None:
-        """A checkpoint with what a resume, score_pairs and the HF export need."""
+    def save(self, step: int, consumed: int, skipped: int, *, in_background: bool = False) -> float:
+        """A checkpoint with what a resume, score_pairs and the HF export need; returns the seconds
+        training waited for it. ``in_background`` with checkpoint.async_save: written while
+        training goes on (a save still in flight is finished first)."""
         cfg = self.cfg
+        started = time.perf_counter()
+        background = self.background if in_background else None
+        if self.background is not None and background is None:
+            self.background.wait()
         state = {"consumed_samples": consumed, "skipped_steps": skipped, "model": asdict(cfg.model),
                  "tokenizer": _absolute_if_local(cfg.data.tokenizer), "train_config": asdict(cfg), "lm_nll_ref": self.lm_nll_ref,
                  "lm_documents": None if self.lm_documents is None else self.lm_documents._fingerprint}
@@ -195,9 +275,11 @@ class Trainer:
                 self._lora_base = ckpt.lora_base_record(cfg.checkpoint.load_weights)
             state[ckpt.LORA_BASE], parts = self._lora_base, ckpt.ADAPTERS_ONLY
         path = self.model.save(self.out / "checkpoints", step, state, keep_last=cfg.checkpoint.keep_last, parts=parts,
-                               extra_files=source_metadata(cfg))
+                               extra_files=source_metadata(cfg), background=background)
+        self.saved_step = step
         if self.is_rank0:
-            print(f"\ncheckpoint saved: {path}", flush=True)
+            print(f"\ncheckpoint {'being written' if background else 'saved'}: {path}", flush=True)
+        return time.perf_counter() - started
 
 
 def _absolute_if_local(name: str) -> str:
