@@ -105,15 +105,14 @@ def tokenised(pairs: list[dict], tokenizer) -> list[dict]:
              "rejected_ids": tokenizer(p["rejected"], add_special_tokens=False)["input_ids"] + eos} for p in pairs]
 
 
-def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -> dict:
-    """Warm up, time, and summarise one (model, batch, lengths) configuration."""
-    import random
-
+def training_model(model_cfg, pairs_per_step: int, device, *, total_steps: int, pack_length: int | None = None):
+    """The trainer's DDP, optimizer (fp32 masters, distributed optimizer) and MMPO step on a
+    ``model_cfg`` shape, at the GPU baseline's lr and clipping, with random reference log-probs
+    (the policy step is what is timed, as TRL's precompute mode does); and its parameter count."""
     import torch
 
     from mmpo_megatron.config import LossConfig, OptimConfig, ParallelConfig, PrecisionConfig
-    from mmpo_megatron.data.tokenizer import build_byte_tokenizer
-    from mmpo_megatron.model.builder import build_model_chunks, default_pack_length, resolve_dtype, unwrap
+    from mmpo_megatron.model.builder import build_model_chunks, resolve_dtype, unwrap
     from mmpo_megatron.model.objective import objective_for
     from mmpo_megatron.model.optimizer import wrap_for_training
     from mmpo_megatron.model.preference_model import MegatronPreferenceModel, lr_schedule
@@ -121,33 +120,45 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
     from mmpo_megatron.model.schedule import HeadAndMask
 
     class RandomReference(ReferenceSource):
-        """Reference log-probs drawn at random: the benchmark times the policy step, as TRL's precompute mode does."""
+        """Reference log-probs drawn at random."""
 
         def fill(self, model, micro_batches):
             for micro in micro_batches:
                 micro.ref_chosen = -torch.rand(micro.batch.num_pairs, device=model.device) * 100
                 micro.ref_rejected = -torch.rand(micro.batch.num_pairs, device=model.device) * 100
 
-    device = layout.device
     precision = PrecisionConfig()
-    dtype = resolve_dtype(precision, device.type)
     vocab = model_cfg.vocab_size or 32000
     parallel = ParallelConfig(device=device.type)
     chunks = build_model_chunks(model_cfg, parallel, precision, vocab_size=vocab, device=device.type)
-    # The trainer's DDP and optimizer (fp32 masters, distributed optimizer) at the GPU baseline's lr and clipping.
     optim = OptimConfig(lr=1e-6, clip_grad=1.0, warmup_ratio=0.0, decay_style="constant")
-    ddp, optimizer = wrap_for_training(chunks, optim, parallel, dtype)
+    ddp, optimizer = wrap_for_training(chunks, optim, parallel, resolve_dtype(precision, device.type))
     params = sum(p.numel() for p in unwrap(chunks[0]).parameters())
-    tokenizer = build_byte_tokenizer()
-    rng = random.Random(args.seed)
-    pack_length = None
-    if args.packing:
-        pack_length = args.pack_length or default_pack_length(model_cfg, args.max_length, pairs_per_step, device.type)
     model = MegatronPreferenceModel(ddp, objective_for(LossConfig()), vocab_size=vocab, pad_id=0,
                                     head_and_mask=HeadAndMask.of(model_cfg), pad_to_multiple=16, pack_length=pack_length,
                                     micro_batch_size=pairs_per_step, optimizer=optimizer,
-                                    scheduler=lr_schedule(optimizer, optim, args.warmup + args.steps))
+                                    scheduler=lr_schedule(optimizer, optim, total_steps))
     model.set_reference(RandomReference())
+    return model, params
+
+
+def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -> dict:
+    """Warm up, time, and summarise one (model, batch, lengths) configuration."""
+    import random
+
+    import torch
+
+    from mmpo_megatron.data.tokenizer import build_byte_tokenizer
+    from mmpo_megatron.model.builder import default_pack_length
+
+    device = layout.device
+    pack_length = None
+    if args.packing:
+        pack_length = args.pack_length or default_pack_length(model_cfg, args.max_length, pairs_per_step, device.type)
+    model, params = training_model(model_cfg, pairs_per_step, device, total_steps=args.warmup + args.steps,
+                                   pack_length=pack_length)
+    tokenizer = build_byte_tokenizer()
+    rng = random.Random(args.seed)
     step_times, real_tokens, padded_tokens = [], 0, 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -267,19 +278,24 @@ def run_trl(model_cfg, pairs_per_step: int, lengths, args, device, ceiling, refe
     }
 
 
-def main(argv=None) -> int:
-    """Run every configuration; print a table; write JSON."""
+def model_preset(name: str) -> dict | None:
+    """The fields of configs/model/<name>.yaml (None if there is no such preset)."""
     from omegaconf import OmegaConf
 
+    preset = Path(__file__).resolve().parents[1] / "configs" / "model" / f"{name}.yaml"
+    return OmegaConf.to_container(OmegaConf.load(preset)) if preset.exists() else None
+
+
+def main(argv=None) -> int:
+    """Run every configuration; print a table; write JSON."""
     from mmpo_megatron.config import ModelConfig
     from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
 
     args = parse_args(argv)
-    preset = Path(__file__).resolve().parents[1] / "configs" / "model" / f"{args.model}.yaml"
-    if not preset.exists():
-        print(f"error: no model preset {preset}", file=sys.stderr)
+    values = model_preset(args.model)
+    if values is None:
+        print(f"error: no model preset configs/model/{args.model}.yaml", file=sys.stderr)
         return 2
-    values = OmegaConf.to_container(OmegaConf.load(preset))
     if args.layer_spec:
         values["layer_spec"] = args.layer_spec
     if args.fused_chunk is not None:
