@@ -42,7 +42,9 @@ COMPAT_TESTS ?= tests/test_losses.py tests/test_logprobs.py tests/test_batch_sta
 	"tests/test_trainer.py::test_resume_reproduces_the_uninterrupted_run_exactly" \
 	"tests/test_trainer.py::test_nonfinite_step_is_skipped_exactly_then_abort" \
 	"tests/test_trainer.py::test_packed_training_equals_padded_training" \
-	"tests/test_trainer.py::test_demo_held_out_reward_accuracy_rises"
+	"tests/test_trainer.py::test_demo_held_out_reward_accuracy_rises" \
+	"tests/test_cluster.py::test_background_checkpoints_and_a_sigterm_on_one_rank_resume_exactly" \
+	"tests/test_cluster.py::test_an_error_during_a_background_write_kills_the_writer_and_leaves_the_folder_unmarked"
 
 $(COMPAT_VENV)/.installed:
 	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)

@@ -170,7 +170,7 @@ printf '%s\\n' "$@" > "$FAKE_TORCHRUN_ARGS"
 status() { mkdir -p "$(dirname "$MMPO_RUN_STATUS")"; printf '{"status": "%s"}' "$1" > "$MMPO_RUN_STATUS"; }
 case $FAKE_OUTCOME in
     stopped_on_usr1)
-        trap 'status stopped; exit 1' USR1   # torchrun reports its ranks' exit 75 as a failure
+        trap 'status stopped; exit 1' TERM   # torchrun reports its ranks' exit 75 as a failure
         touch "$FAKE_TORCHRUN_ARGS.ready"
         for _ in $(seq 200); do sleep 0.1; done
         exit 9 ;;
@@ -194,8 +194,8 @@ def test_the_sbatch_script_reads_the_time_left(tmp_path, time_left, extra, budge
 
 
 def test_the_sbatch_script_forwards_the_warning_and_requeues_only_a_stop(tmp_path):
-    """USR1 to the batch shell (Slurm's --signal=B:USR1) reaches torchrun through srun; a stopped run
-    is requeued and the script exits 0; a finished run is not requeued; a crash's exit code is kept."""
+    """USR1 to the batch shell (Slurm's --signal=B:USR1) reaches torchrun through srun as SIGTERM
+    (which every torchrun forwards to its ranks); a stopped run is requeued and the script exits 0; a finished run is not requeued; a crash's exit code is kept."""
     rc, _, requeues = run_sbatch_with_a_fake_torchrun(tmp_path / "stop", "stopped_on_usr1", "1:00:00", [], warn=True)
     assert (rc, requeues) == (0, "requeue 4242\n")
     rc, _, requeues = run_sbatch_with_a_fake_torchrun(tmp_path / "finish", "finished", "1:00:00", [])
@@ -320,7 +320,10 @@ def a_failing_step_during_a_background_write(root):
     from mmpo_megatron.model.checkpoint import complete_checkpoints
     from mmpo_megatron.model.preference_model import MegatronPreferenceModel
 
-    write, train_step = FileSystemWriterAsync.write_preloaded_data_multiproc, MegatronPreferenceModel.train_step
+    # megatron-core 0.16 writes from processes, 0.19 from threads (of the forked writer)
+    name = next(n for n in ("write_preloaded_data_multiproc", "write_preloaded_data_multithread")
+                if hasattr(FileSystemWriterAsync, n))
+    write, train_step = getattr(FileSystemWriterAsync, name), MegatronPreferenceModel.train_step
     calls = []
 
     def slow_write(*args, **kwargs):
@@ -338,7 +341,7 @@ def a_failing_step_during_a_background_write(root):
                       train=TrainerConfig(global_batch_size=8, micro_batch_size=2, max_steps=6, eval_interval=0,
                                           output_dir=str(root)))
     rank_process = psutil.Process()
-    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(slow_write)
+    setattr(FileSystemWriterAsync, name, staticmethod(slow_write))
     MegatronPreferenceModel.train_step = failing_step
     try:
         train_records(cfg)
@@ -346,7 +349,7 @@ def a_failing_step_during_a_background_write(root):
     except RuntimeError as exc:
         error = str(exc)
     finally:
-        FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write)
+        setattr(FileSystemWriterAsync, name, staticmethod(write))
         MegatronPreferenceModel.train_step = train_step
     time.sleep(1.0)
     # The writers are forks of this process (the same command line); megatron's results queue is

@@ -9,15 +9,17 @@ one. Model weights reshard on load (any TP/PP); optimizer state resumes under th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import random
 import re
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -347,7 +349,8 @@ def save_to(final: Path, chunks: Sequence[torch.nn.Module], optimizer, trainer_s
     state = _model_state(chunks, parts)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
-    request = dist_checkpointing.save(state, str(tmp), async_sharded_save=background is not None)
+    with writers_shielded():  # a foreground save forks its writers in here (megatron-core 0.16)
+        request = dist_checkpointing.save(state, str(tmp), **_save_mode(background is not None))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
 
@@ -373,6 +376,21 @@ def save_to(final: Path, chunks: Sequence[torch.nn.Module], optimizer, trainer_s
     return final
 
 
+def _save_mode(in_background: bool) -> dict[str, Any]:
+    """dist_checkpointing.save's arguments for a foreground or background save. From megatron-core
+    0.19 a background save defaults to nvidia-resiliency-ext's writer (not a dependency): ask for
+    megatron's own, the one whose results queue keep_checkpoint_writes_through shields."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    if not in_background:
+        return {}
+    if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+        return {"async_sharded_save": True, "async_strategy": "mcore"}
+    return {"async_sharded_save": True}
+
+
 class AsyncSaves:
     """Checkpoints being written in the background (megatron's AsyncCallsQueue, one forked writer
     per rank and save), at most one at a time. Every method is called by all ranks together."""
@@ -393,7 +411,8 @@ class AsyncSaves:
         if self._queue is None:
             self._queue = AsyncCallsQueue(persistent=False)
         self._started = time.perf_counter()
-        self._queue.schedule_async_request(request)
+        with writers_shielded():  # the writer is forked here
+            self._queue.schedule_async_request(request)
         self.pending = final
 
     def poll(self) -> Path | None:
@@ -420,46 +439,88 @@ class AsyncSaves:
     def abort(self) -> None:
         """Kill this rank's writer (after an error): the folder stays unmarked, the previous checkpoint newest."""
         if self._queue is not None:
-            # The queue's own close(abort=True) only stops a persistent writer; ours are one per save.
+            # The queue's own close(abort=True) only stops a persistent writer; ours are one per
+            # save, and on megatron-core 0.16 each forks writers of its own.
             while self._queue.async_calls:
-                self._queue.async_calls.popleft().async_caller.close(abort=True)
+                caller = self._queue.async_calls.popleft().async_caller
+                _kill_descendants(getattr(caller, "process", None))
+                caller.close(abort=True)
             self._queue.close(abort=True)
+            _drain_results_queue()  # a killed writer's result must not answer the next save
         self.pending = None
 
 
+def _kill_descendants(process) -> None:
+    """SIGKILL every process below ``process`` (a multiprocessing.Process, or None)."""
+    import psutil
+
+    if process is None or process.pid is None:
+        return
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for descendant in descendants:
+        try:
+            descendant.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _drain_results_queue() -> None:
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    results = filesystem_async._results_queue
+    while results is not None:
+        try:
+            results.get_nowait()
+        except (queue.Empty, OSError, EOFError):
+            return
+
+
 def keep_checkpoint_writes_through(signals: Sequence[int]) -> None:
-    """Make the results queue of dist_checkpointing's writers ignore ``signals``: a preemption
-    signals every process of the job, and megatron's own queue (a spawned Manager, started at the
-    first save, with default handlers) would die of it and fail the stop's checkpoint. Call once,
-    before the first save; the writers themselves are forks of the trainer and share its handlers."""
+    """Let checkpoint writes outlive ``signals`` (the ones that stop a run): a preemption signals
+    every process of the job, and a writer, or megatron's results queue (a spawned Manager with
+    default handlers), dying of it would fail the stop's checkpoint. From now on the writers are
+    forked with ``signals`` blocked (writers_shielded), and the results queue blocks them too.
+    Call before the first save."""
     import multiprocessing as mp
-    import signal
     from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    from mmpo_megatron.signal_shield import shield_from
+
+    global _SHIELDED_SIGNALS
+    _SHIELDED_SIGNALS = tuple(signals)
     if filesystem_async._results_queue is not None:
+        log.warning("dist_checkpointing's results queue was started before the trainer's: a job-wide "
+                    "SIGTERM during a save may fail it")
         return
     manager = SyncManager(ctx=mp.get_context("spawn"))
-    manager.start(initializer=_shield_from, initargs=(tuple(signals),))
+    manager.start(initializer=shield_from, initargs=(tuple(signals),))
     filesystem_async._results_queue = manager.Queue()
     _QUEUE_MANAGERS.append(manager)  # alive until exit (it shuts down at exit, as megatron's does)
 
 
 _QUEUE_MANAGERS: list = []
+_SHIELDED_SIGNALS: tuple[int, ...] = ()
 
 
-def _shield_from(signals: tuple[int, ...]) -> None:
-    """In the results queue's process: block ``signals``, and die with the trainer (a SIGKILLed
-    trainer would otherwise leave it behind, deaf to SIGTERM)."""
-    import ctypes
-    import signal
-
-    signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if hasattr(libc, "prctl"):  # Linux
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+@contextlib.contextmanager
+def writers_shielded() -> Iterator[None]:
+    """Block the shielded signals in this thread while writers are forked (they inherit the mask;
+    a signal meanwhile reaches this process's handler when the block ends)."""
+    if not _SHIELDED_SIGNALS:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(_SHIELDED_SIGNALS))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def load_weights(path: str | Path, chunks: Sequence[torch.nn.Module], optimizer=None, *,

@@ -72,18 +72,23 @@ class StopConditions:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopConditions":
+        global _HANDLERS_ACTIVE
         for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread: the caller's handlers stay
                 pass
+        _HANDLERS_ACTIVE = bool(self._previous)
+        _reset_stop_signals_in_forks()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        global _HANDLERS_ACTIVE
         for sig, previous in self._previous.items():
             # None: the previous handler was not installed from Python; the default is all we can restore.
             signal.signal(sig, signal.SIG_DFL if previous is None else previous)
         self._previous.clear()
+        _HANDLERS_ACTIVE = False
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.signal_name = signal.Signals(signum).name
@@ -141,6 +146,31 @@ class StopConditions:
 
 
 BUDGET_REASON = "train.max_wall_minutes"
+
+_HANDLERS_ACTIVE = False
+_FORK_HOOK_REGISTERED = False
+
+
+def _reset_stop_signals_in_forks() -> None:
+    """A forked child (a datasets worker) gets the default handlers back: with the parent's, which
+    only set a flag nobody reads there, a pool's terminate() could not end it. Checkpoint writers
+    are forked with the signals blocked instead (model/checkpoint.py's writers_shielded)."""
+    global _FORK_HOOK_REGISTERED
+    if not _FORK_HOOK_REGISTERED:
+        os.register_at_fork(after_in_child=_default_stop_signals)
+        _FORK_HOOK_REGISTERED = True
+
+
+def _default_stop_signals() -> None:
+    global _HANDLERS_ACTIVE
+    if not _HANDLERS_ACTIVE:
+        return
+    _HANDLERS_ACTIVE = False
+    for sig in STOP_SIGNALS:
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except ValueError:  # forked from a thread other than the main one
+            pass
 
 
 RUN_STATUS_ENV = "MMPO_RUN_STATUS"
