@@ -77,7 +77,7 @@ def save_once(model, mode: str, root: Path, step: int, train_step) -> dict:
             step_times.append(train_step())
             background.poll()
         background.wait()  # the benchmark waits here, not training: it would go on stepping
-        complete = blocked + background.last_duration_s  # last_duration_s counts from the hand-over
+        complete = time.perf_counter() - started  # with steps meanwhile: seen at the step boundary after it
     else:
         complete = blocked
     return {"mode": mode, "blocked_s": blocked, "complete_s": complete, "checkpoint_gb": folder_bytes(path) / 1e9,
