@@ -148,7 +148,7 @@ class ParallelConfig:
             f"must be None or >= 1, got {self.virtual_pipeline}",
         )
         _require(
-            self.device in ("auto", "cuda", "cpu"),
+            self.device in DEVICES,
             "parallel.device",
             f"must be 'auto', 'cuda' or 'cpu', got {self.device!r}",
         )
@@ -622,6 +622,8 @@ class TrainerConfig:
 
 
 REFERENCE_MODES = ("auto", "precompute", "resident", "cpu_swap", "adapters_off")
+DEVICES = ("auto", "cuda", "cpu")
+CONVERT_DTYPES = ("auto", "bf16", "fp32")  # the converters' --dtype: auto keeps the source's
 
 
 @dataclass
@@ -732,7 +734,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        _require(self.device in ("auto", "cuda", "cpu"), "device", f"must be auto, cuda or cpu, got {self.device!r}")
+        _require(self.device in DEVICES, "device", f"must be auto, cuda or cpu, got {self.device!r}")
         self.parallel.device = self.device
         if not self.loss.needs_reference and self.reference.mode != "precompute":
             # SimPO needs no reference: never build one.

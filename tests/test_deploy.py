@@ -178,6 +178,22 @@ def test_benchmark_runs_and_reports(tmp_path):
     assert 0 <= result["padding_fraction"] < 1 and result["s_per_step"] > 0
 
 
+def test_checkpoint_benchmark_times_both_modes(tmp_path):
+    """tools/benchmark_checkpoint.py on the tiny model, a step during the background write."""
+    out = tmp_path / "save.json"
+    code, stdout, stderr = run_on_ranks(tool_main, 1, str(REPO / "tools/benchmark_checkpoint.py"), [[
+        "--model", "tiny", "--vocab", "0", "--num-layers", "0", "--device", "cpu", "--steps-during-write", "1",
+        "--root", str(tmp_path / "ckpt"), "--json", str(out)]])[0][0]
+    assert code == 0, stderr[-2000:]
+    assert "training blocked s" in stdout
+    sync, background = json.loads(out.read_text())
+    assert (sync["mode"], background["mode"]) == ("sync", "async")
+    assert sync["blocked_s"] == sync["complete_s"] > 0 and sync["checkpoint_gb"] > 0
+    assert 0 < background["blocked_s"] <= background["complete_s"]
+    assert background["checkpoint_gb"] == pytest.approx(sync["checkpoint_gb"], rel=1e-3)
+    assert not (tmp_path / "ckpt" / "sync").exists()  # removed after
+
+
 def test_benchmark_against_trl_on_the_same_data(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, str(REPO / "tools/benchmark.py"), "--model", "tiny", "--device", "cpu",

@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mmpo_megatron.config import DEVICES  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line flags."""
@@ -38,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)

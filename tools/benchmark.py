@@ -26,6 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mmpo_megatron.config import DEVICES  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line flags."""
@@ -49,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "precompute (precompute_ref_log_probs, ref_model=None: TRL's fastest)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)

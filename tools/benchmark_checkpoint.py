@@ -35,7 +35,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tests/test_cluster.py)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tool_main in tests/test_deploy.py)
+
+from mmpo_megatron.config import DEVICES  # noqa: E402
 
 from benchmark import model_preset, text_pairs, tokenised, training_model  # noqa: E402  (tools/benchmark.py)
 
@@ -52,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps-during-write", type=int, default=0,
                    help="steps to time before and while the background writer works (0: wait for it idle)")
     p.add_argument("--root", default="outputs/benchmark_checkpoint", help="where the checkpoints are written (removed after)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)

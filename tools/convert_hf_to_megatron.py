@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mmpo_megatron.config import CONVERT_DTYPES  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry."""
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="new folder for the megatron checkpoint")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+    p.add_argument("--dtype", default="auto", choices=CONVERT_DTYPES,
                    help="auto (default): the dtype the HF config states (fp16 or none stated: fp32, exact)")
     p.add_argument("--layer-spec", default="local", choices=["local", "local_sdpa", "transformer_engine"])
     args = p.parse_args(argv)

@@ -14,13 +14,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mmpo_megatron.config import CONVERT_DTYPES  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a step folder, a checkpoints folder or a run folder")
     p.add_argument("--output", required=True, help="new folder for the HF model")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+    p.add_argument("--dtype", default="auto", choices=CONVERT_DTYPES,
                    help="auto (default): the dtype the trained parameters were saved in; bf16 on fp32 weights "
                         "warns with the log-prob change")
     p.add_argument("--model-type", choices=["llama", "mistral", "qwen2", "qwen3"],

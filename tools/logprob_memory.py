@@ -30,6 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mmpo_megatron.config import DEVICES  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line flags."""
@@ -40,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunks", default="1024", help="comma-separated fused chunk sizes")
     p.add_argument("--variants", default="megatron-ce,full,fused", help="which of megatron-ce, full, fused to run")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)

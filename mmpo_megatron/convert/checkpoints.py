@@ -98,7 +98,6 @@ def _single_process_chunks(model: ModelConfig, dtype: str, vocab_size: int):
                               PrecisionConfig(dtype=dtype), vocab_size=vocab_size, device="cpu", initialize=False)
 
 
-DTYPES = ("auto", "bf16", "fp32")
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -159,7 +158,8 @@ def convert_hf_to_megatron(
 
     ``dtype="auto"`` keeps the dtype the HF weights are in (hf_weight_dtype); bf16/fp32 force one.
     """
-    from mmpo_megatron.model.builder import padded_vocab_size, unwrap, validate_layout
+    from mmpo_megatron.config import padded_vocab_size, validate_layout
+    from mmpo_megatron.model.builder import unwrap
     from mmpo_megatron.model.checkpoint import save_to
 
     hf_dir, output = Path(hf_dir), Path(output)

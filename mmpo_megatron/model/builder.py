@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmpo_megatron.config import (  # noqa: F401  (padded_vocab_size, validate_layout: re-exported)
+from mmpo_megatron.config import (
     ConfigError,
     ModelConfig,
     ParallelConfig,
