@@ -495,6 +495,8 @@ def keep_checkpoint_writes_through(signals: Sequence[int]) -> None:
 
     global _SHIELDED_SIGNALS
     _SHIELDED_SIGNALS = tuple(signals)
+    if _QUEUE_MANAGERS:  # a run earlier in this process started it
+        return
     if filesystem_async._results_queue is not None:
         log.warning("dist_checkpointing's results queue was started before the trainer's: a job-wide "
                     "SIGTERM during a save may fail it")
