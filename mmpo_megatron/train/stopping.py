@@ -63,7 +63,7 @@ class StopConditions:
         self.budget_s = None if max_wall_minutes is None else max_wall_minutes * 60.0
         self.device = device
         self.started_at = process_started_at() if started_at is None else started_at
-        self.signal_name: str | None = None
+        self.signal_number = 0  # the stop signal received, 0 for none
         self.step_seconds: list[float] = []
         self.eval_seconds: list[float] = []
         self.save_seconds: list[float] = []
@@ -91,7 +91,7 @@ class StopConditions:
         _HANDLERS_ACTIVE = False
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self.signal_name = signal.Signals(signum).name
+        self.signal_number = signum
 
     def expect_save_bytes(self, save_bytes: int) -> None:
         """Estimate a save (until one is measured) from the bytes this rank writes."""
@@ -134,8 +134,7 @@ class StopConditions:
     def reason(self, next_step_evaluates: bool = False) -> str | None:
         """Why to stop now, agreed by every rank (None: go on). Called by all ranks at a step boundary."""
         # The signal's number travels, so every rank (rank 0 writes the run status) names it.
-        received = 0 if self.signal_name is None else int(signal.Signals[self.signal_name])
-        flags = torch.tensor([float(received), float(self.budget_short(next_step_evaluates))], device=self.device)
+        flags = torch.tensor([float(self.signal_number), float(self.budget_short(next_step_evaluates))], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[0] > 0:
