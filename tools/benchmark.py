@@ -281,11 +281,14 @@ def run_trl(model_cfg, pairs_per_step: int, lengths, args, device, ceiling, refe
 
 
 def model_preset(name: str) -> dict | None:
-    """The fields of configs/model/<name>.yaml (None if there is no such preset)."""
+    """The fields of configs/model/<name>.yaml; None, with the error printed, if there is no such preset."""
     from omegaconf import OmegaConf
 
     preset = Path(__file__).resolve().parents[1] / "configs" / "model" / f"{name}.yaml"
-    return OmegaConf.to_container(OmegaConf.load(preset)) if preset.exists() else None
+    if not preset.exists():
+        print(f"error: no model preset configs/model/{name}.yaml", file=sys.stderr)
+        return None
+    return OmegaConf.to_container(OmegaConf.load(preset))
 
 
 def main(argv=None) -> int:
@@ -296,7 +299,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     values = model_preset(args.model)
     if values is None:
-        print(f"error: no model preset configs/model/{args.model}.yaml", file=sys.stderr)
         return 2
     if args.layer_spec:
         values["layer_spec"] = args.layer_spec

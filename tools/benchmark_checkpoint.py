@@ -128,7 +128,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     values = model_preset(args.model)
     if values is None:
-        print(f"error: no model preset configs/model/{args.model}.yaml", file=sys.stderr)
         return 2
     modes = args.modes.split(",")
     unknown = sorted(set(modes) - {"sync", "async"})
