@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 NPROC ?= 2
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test test-compat gpu-kit-check clean
+.PHONY: venv demo test lint test-compat gpu-kit-check clean
 
 venv: $(VENV)/.installed
 
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip >/dev/null
 	$(BIN)/python -m pip install "$(TORCH)"
-	$(BIN)/python -m pip install -e ".[test]"
+	$(BIN)/python -m pip install -e ".[test,lint]"
 	touch $@
 
 demo: venv
@@ -29,6 +29,10 @@ TEST_WORKERS ?= 2
 
 test: venv
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+
+# pycodestyle (E501 at 120), pyflakes and import order, as [tool.ruff] in pyproject.toml sets them.
+lint: venv
+	$(BIN)/ruff check .
 
 # The newest megatron-core we support, on the Python 3.12 of GPU clusters and NGC images: a fast,
 # representative part of the suite. PyPI's only cp312 torch is its CUDA build (~4.7 GB with its

@@ -43,7 +43,9 @@ def resolve_config(cfg: DictConfig) -> TrainConfig:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
-            raise ConfigError(f"{missing[0]}: required and not given" + (f" (also {', '.join(missing[1:])})" if missing[1:] else ""))
+            raise ConfigError(
+                f"{missing[0]}: required and not given" + (f" (also {', '.join(missing[1:])})" if missing[1:] else "")
+            )
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         cause = exc

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 LOSS_NAMES = ("mmpo", "dpo", "ipo", "simpo")
 NORM_SCOPES = ("global", "dp_microbatch", "local", "none")
 
@@ -80,7 +79,9 @@ class LossConfig:
         _require(self.beta > 0, "loss.beta", f"must be > 0, got {self.beta}")
         _require(self.aux_weight >= 0, "loss.aux_weight", f"must be >= 0, got {self.aux_weight}")
         _require(
-            0.0 <= self.label_smoothing < 0.5, "loss.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}"
+            0.0 <= self.label_smoothing < 0.5,
+            "loss.label_smoothing",
+            f"must be in [0, 0.5), got {self.label_smoothing}",
         )
         _require(self.nll_weight >= 0, "loss.nll_weight", f"must be >= 0, got {self.nll_weight}")
 
@@ -237,10 +238,15 @@ class DataConfig:
         _require(
             self.max_prompt_length is None or 1 <= self.max_prompt_length < self.max_length,
             "data.max_prompt_length",
-            f"must be in [1, max_length={self.max_length}), got {self.max_prompt_length} (null lets it follow max_length)",
+            f"must be in [1, max_length={self.max_length}), got {self.max_prompt_length} "
+            "(null lets it follow max_length)",
         )
         _require(self.pad_to_multiple >= 1, "data.pad_to_multiple", f"must be >= 1, got {self.pad_to_multiple}")
-        _require(self.on_bad_row in ("skip", "error"), "data.on_bad_row", f"must be 'skip' or 'error', got {self.on_bad_row!r}")
+        _require(
+            self.on_bad_row in ("skip", "error"),
+            "data.on_bad_row",
+            f"must be 'skip' or 'error', got {self.on_bad_row!r}",
+        )
         _require(self.num_proc >= 1, "data.num_proc", f"must be >= 1, got {self.num_proc}")
         self.train = [_as_source(s) for s in self.train] if self.train else None
         self.eval = [_as_source(s) for s in self.eval] if self.eval else None
@@ -387,8 +393,8 @@ class ModelConfig:
     a third to a half of it on preference data. 0 runs megatron's output layer on every position."""
 
     layer_spec: str = "local"
-    """local (megatron's own modules), local_sdpa (local with PyTorch SDPA attention: 1.44x faster
-    than local on an H100 without TE), or transformer_engine (needed for FP8)."""
+    """local (megatron's own modules), local_sdpa (local with PyTorch SDPA attention: faster than
+    local on a GPU without TE, see README.md "Layer specs"), or transformer_engine (needed for FP8)."""
 
     recompute: str = "none"
     """Activation recomputation (megatron's recompute_granularity): none; selective (recompute
@@ -411,8 +417,12 @@ class ModelConfig:
             self.lora = LoraConfig(**self.lora)
         for name in ("num_layers", "hidden_size", "num_attention_heads"):
             _require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
-        _require(self.fused_logprob_chunk >= 0, "model.fused_logprob_chunk", f"must be >= 0, got {self.fused_logprob_chunk}")
-        _require(self.layer_spec in LAYER_SPECS, "model.layer_spec", f"must be one of {LAYER_SPECS}, got {self.layer_spec!r}")
+        _require(
+            self.fused_logprob_chunk >= 0, "model.fused_logprob_chunk", f"must be >= 0, got {self.fused_logprob_chunk}"
+        )
+        _require(
+            self.layer_spec in LAYER_SPECS, "model.layer_spec", f"must be one of {LAYER_SPECS}, got {self.layer_spec!r}"
+        )
         _require(self.recompute in RECOMPUTE_GRANULARITIES, "model.recompute",
                  f"must be one of {RECOMPUTE_GRANULARITIES}, got {self.recompute!r}")
         _require(self.recompute_method in ("uniform", "block"), "model.recompute_method",
@@ -470,7 +480,9 @@ class PrecisionConfig:
     """delayed, tensorwise (current scaling) or blockwise."""
 
     def __post_init__(self) -> None:
-        _require(self.dtype in ("auto", "bf16", "fp32"), "precision.dtype", f"must be auto, bf16 or fp32, got {self.dtype!r}")
+        _require(
+            self.dtype in ("auto", "bf16", "fp32"), "precision.dtype", f"must be auto, bf16 or fp32, got {self.dtype!r}"
+        )
         _require(
             self.fp8 in (None, "hybrid", "e4m3"), "precision.fp8", f"must be null, hybrid or e4m3, got {self.fp8!r}"
         )
@@ -614,7 +626,9 @@ class TrainerConfig:
             f"{self.global_batch_size} is not divisible by train.micro_batch_size={self.micro_batch_size}",
         )
         _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
-        _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
+        _require(
+            self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}"
+        )
         _require(self.eval_interval >= 0, "train.eval_interval", f"must be >= 0, got {self.eval_interval}")
         _require(self.log_interval >= 1, "train.log_interval", f"must be >= 1, got {self.log_interval}")
         _require(self.max_wall_minutes is None or self.max_wall_minutes > 0, "train.max_wall_minutes",

@@ -11,7 +11,6 @@ softmax from the saved logits instead of keeping an fp32 ``[..., V / tp]`` copy 
 
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -74,7 +73,12 @@ def _label_logprobs_and_lse(
 
 
 def _logits_grad(
-    logits: Tensor, log_normaliser: Tensor, local_labels: Tensor, in_shard: Tensor, valid_columns: int, grad_output: Tensor
+    logits: Tensor,
+    log_normaliser: Tensor,
+    local_labels: Tensor,
+    in_shard: Tensor,
+    valid_columns: int,
+    grad_output: Tensor,
 ) -> Tensor:
     """d sum(g * log p(label)) / d logits on a shard: g * (onehot - softmax); no communication."""
     # softmax = exp(logits - logsumexp), built in the one buffer that becomes the gradient.
@@ -114,7 +118,9 @@ class _ChunkedOutputLayerLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, group, vocab_size: int | None, chunk: int) -> Tensor:  # type: ignore[override]
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, labels: Tensor, group, vocab_size: int | None, chunk: int
+    ) -> Tensor:  # type: ignore[override]
         ctx.input_dtype = hidden.dtype
         hidden = hidden.to(weight.dtype)
         logp = torch.empty(labels.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=labels.device)
@@ -143,7 +149,9 @@ class _ChunkedOutputLayerLogProbs(torch.autograd.Function):
             in_block = (local_labels >= columns.start) & (local_labels < columns.stop)
             block_labels = torch.where(in_block, local_labels - first, torch.zeros_like(local_labels))
             logits = hidden @ weight[columns].t()
-            grad_logits = _logits_grad(logits, lse, block_labels, in_block, max(0, ctx.valid_columns - first), grad_output)
+            grad_logits = _logits_grad(
+                logits, lse, block_labels, in_block, max(0, ctx.valid_columns - first), grad_output
+            )
             del logits
             grad_logits = grad_logits.to(weight.dtype)  # GEMMs in the weight's dtype, as megatron's linear backward
             grad_weight[columns] = grad_logits.t() @ hidden
@@ -180,7 +188,7 @@ def output_layer_logprobs(
 def token_logprobs(
     logits: Tensor, labels: Tensor, group: dist.ProcessGroup | None = None, vocab_size: int | None = None
 ) -> Tensor:
-    """Log-prob (fp32, or fp64 for fp64 logits) of each label under vocab-parallel logits ``[..., V / tp]`` (no vocab gather).
+    """Log-prob (fp32; fp64 for fp64 logits) of each label under vocab-parallel logits ``[..., V / tp]``, no gather.
 
     ``group`` defaults to megatron's tensor-parallel group when parallel_state is initialised.
     ``vocab_size`` (the unpadded vocabulary) excludes padding columns from the softmax, so the

@@ -146,7 +146,9 @@ def dpo_loss(
     rejected_ratio = policy_rejected_logps - ref_rejected_logps
     logits = beta * (chosen_ratio - rejected_ratio)
     loss = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    return loss, _implicit_reward_metrics(beta, chosen_ratio, rejected_ratio, policy_chosen_logps, policy_rejected_logps)
+    return loss, _implicit_reward_metrics(
+        beta, chosen_ratio, rejected_ratio, policy_chosen_logps, policy_rejected_logps
+    )
 
 
 def ipo_loss(
@@ -164,7 +166,9 @@ def ipo_loss(
     chosen_ratio = policy_chosen_logps - ref_chosen_logps
     rejected_ratio = policy_rejected_logps - ref_rejected_logps
     loss = (chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta)) ** 2
-    return loss, _implicit_reward_metrics(beta, chosen_ratio, rejected_ratio, policy_chosen_logps, policy_rejected_logps)
+    return loss, _implicit_reward_metrics(
+        beta, chosen_ratio, rejected_ratio, policy_chosen_logps, policy_rejected_logps
+    )
 
 
 def simpo_loss(

@@ -105,7 +105,11 @@ def test_global_scope_is_independent_of_layout_and_dp_microbatch_matches_referen
     def combined(dp, scope):
         """Merge ranks' per-pair results; gradients summed over DP ranks (each rank owns its pairs)."""
         results = [r[(dp, scope)] for r in per_rank]
-        normalised, grad_c, grad_r = {}, torch.zeros(PAIRS, dtype=torch.float64), torch.zeros(PAIRS, dtype=torch.float64)
+        normalised, grad_c, grad_r = (
+            {},
+            torch.zeros(PAIRS, dtype=torch.float64),
+            torch.zeros(PAIRS, dtype=torch.float64),
+        )
         seen_dp_ranks = set()
         for rank, res in enumerate(results):
             dp_rank = rank if dp == 4 else (rank // (4 // dp))  # consecutive TP ranks share a DP rank

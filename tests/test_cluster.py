@@ -22,12 +22,21 @@ TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 QUIET = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # The README demo (TP=2 on two CPU processes), shortened; saving every 100 steps, so a stop's save
 # is the only one before the end.
-DEMO = ["--config-name", "train_demo", "train.max_steps=12", "train.eval_interval=6", "train.overwrite_output_dir=false",
-        "logging.progress_bar=false", "checkpoint.save_interval=100",
-        # Cheaper launches, the same life cycle: no precompute of all 4000 pairs' reference
-        # scores (the reference scores each step instead), evaluations on 64 pairs, TensorBoard
-        # (tested on its own below) off.
-        "reference.mode=resident", "train.eval_max_pairs=64", "logging.tensorboard=false"]
+DEMO = [
+    "--config-name",
+    "train_demo",
+    "train.max_steps=12",
+    "train.eval_interval=6",
+    "train.overwrite_output_dir=false",
+    "logging.progress_bar=false",
+    "checkpoint.save_interval=100",
+    # Cheaper launches, the same life cycle: no precompute of all 4000 pairs' reference
+    # scores (the reference scores each step instead), evaluations on 64 pairs, TensorBoard
+    # (tested on its own below) off.
+    "reference.mode=resident",
+    "train.eval_max_pairs=64",
+    "logging.tensorboard=false",
+]
 COMPARED = ("loss", "grad_norm", "lr", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 
 
@@ -195,7 +204,8 @@ def test_the_sbatch_script_reads_the_time_left(tmp_path, time_left, extra, budge
 
 def test_the_sbatch_script_forwards_the_warning_and_requeues_only_a_stop(tmp_path):
     """USR1 to the batch shell (Slurm's --signal=B:USR1) reaches torchrun through srun as SIGTERM
-    (which every torchrun forwards to its ranks); a stopped run is requeued and the script exits 0; a finished run is not requeued; a crash's exit code is kept."""
+    (which every torchrun forwards to its ranks); a stopped run is requeued and the script exits 0;
+    a finished run is not requeued; a crash's exit code is kept."""
     rc, _, requeues = run_sbatch_with_a_fake_torchrun(tmp_path / "stop", "stopped_on_usr1", "1:00:00", [], warn=True)
     assert (rc, requeues) == (0, "requeue 4242\n")
     rc, _, requeues = run_sbatch_with_a_fake_torchrun(tmp_path / "finish", "finished", "1:00:00", [])
@@ -232,15 +242,20 @@ def run_sbatch_with_a_fake_torchrun(root: Path, outcome: str, time_left: str, ex
 def async_and_sync_runs(root):
     """The same 6 steps at DP=2 (distributed optimizer) saving every 3 steps in the background and
     in the foreground; then a resume from the background run's step 3."""
-    from test_trainer import make_config, train_records
     from run_folders import seed_run_folder
+    from test_trainer import make_config, train_records
 
     root = Path(root)
 
     def config(name, async_save):
-        return make_config(root / name, steps=6, checkpoint=CheckpointConfig(save_interval=3, keep_last=5, async_save=async_save),
-                           train=TrainerConfig(global_batch_size=8, micro_batch_size=2, max_steps=6, eval_interval=0,
-                                               output_dir=str(root / name)))
+        return make_config(
+            root / name,
+            steps=6,
+            checkpoint=CheckpointConfig(save_interval=3, keep_last=5, async_save=async_save),
+            train=TrainerConfig(
+                global_batch_size=8, micro_batch_size=2, max_steps=6, eval_interval=0, output_dir=str(root / name)
+            ),
+        )
 
     out = {"sync": train_records(config("sync", False)), "async": train_records(config("async", True))}
     seed_run_folder(root / "async", root / "resumed", 3)
@@ -253,10 +268,9 @@ def sigterm_one_rank_then_resume(cfg):
     """SIGTERM to DP rank 1 alone, during step 2; then the same config again (a resume)."""
     import torch.distributed as dist
 
-    from test_trainer import train_records
-
     from mmpo_megatron.model.preference_model import MegatronPreferenceModel
     from mmpo_megatron.train.stopping import TrainingStopped
+    from test_trainer import train_records
 
     train_step = MegatronPreferenceModel.train_step
     calls = []
@@ -301,7 +315,11 @@ def test_background_checkpoints_and_a_sigterm_on_one_rank_resume_exactly(tmp_pat
     assert any(not torch.equal(v, weights[names[2]][k]) for k, v in weights[names[1]].items())
     # SIGTERM on rank 1 alone, during step 2: both ranks stop after step 2 with its checkpoint,
     # the run's signal handlers are restored, and the resume continues exactly.
-    expected = {"step": 2, "reason": "signal SIGTERM", "checkpoint": str(tmp_path / "signalled/checkpoints/step_0000002")}
+    expected = {
+        "step": 2,
+        "reason": "signal SIGTERM",
+        "checkpoint": str(tmp_path / "signalled/checkpoints/step_0000002"),
+    }
     assert [r["stopped"] for r in results] == [expected, expected]
     assert sorted(train["after_stop"]) == [3, 4, 5, 6]
     for step in (3, 4, 5, 6):
@@ -313,12 +331,11 @@ def a_failing_step_during_a_background_write(root):
     """Step 3 raises while step 2's checkpoint is being written (a writer that takes ten minutes):
     the error, the writer processes still alive a moment later, and the checkpoints complete."""
     import psutil
-
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-    from test_trainer import make_config, train_records
 
     from mmpo_megatron.model.checkpoint import complete_checkpoints
     from mmpo_megatron.model.preference_model import MegatronPreferenceModel
+    from test_trainer import make_config, train_records
 
     # megatron-core 0.16 writes from processes, 0.19 from threads (of the forked writer)
     name = next(n for n in ("write_preloaded_data_multiproc", "write_preloaded_data_multithread")
@@ -354,8 +371,11 @@ def a_failing_step_during_a_background_write(root):
     time.sleep(1.0)
     # The writers are forks of this process (the same command line); megatron's results queue is
     # a spawned helper that stays for the process's life.
-    writers = [child.pid for child in rank_process.children(recursive=True)
-               if child.is_running() and child.status() != psutil.STATUS_ZOMBIE and child.cmdline() == rank_process.cmdline()]
+    writers = [
+        child.pid
+        for child in rank_process.children(recursive=True)
+        if child.is_running() and child.status() != psutil.STATUS_ZOMBIE and child.cmdline() == rank_process.cmdline()
+    ]
     return error, writers, [p.name for p in complete_checkpoints(root / "checkpoints")]
 
 
@@ -369,15 +389,23 @@ def test_an_error_during_a_background_write_kills_the_writer_and_leaves_the_fold
 def stop_on_budget(root, budget_minutes):
     """A long run under a wall-clock budget counted from the task's start (a pooled rank's process
     started long before)."""
-    from test_trainer import make_config, train_records
-
     from mmpo_megatron.train import stopping
+    from test_trainer import make_config, train_records
 
     started = time.time()
     stopping.process_started_at = lambda: started
-    cfg = make_config(Path(root) / "run", steps=2000, train=TrainerConfig(global_batch_size=8, micro_batch_size=2, max_steps=2000,
-                                                                       eval_interval=0, output_dir=str(Path(root) / "run"),
-                                                                       max_wall_minutes=budget_minutes))
+    cfg = make_config(
+        Path(root) / "run",
+        steps=2000,
+        train=TrainerConfig(
+            global_batch_size=8,
+            micro_batch_size=2,
+            max_steps=2000,
+            eval_interval=0,
+            output_dir=str(Path(root) / "run"),
+            max_wall_minutes=budget_minutes,
+        ),
+    )
     try:
         train_records(cfg)
     except stopping.TrainingStopped as exc:
@@ -450,7 +478,13 @@ def test_a_resumed_run_drops_the_rows_and_events_logged_after_its_checkpoint(tmp
     assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 40.0),
+        (5, 50.0),
+    ]
     # A restart with no checkpoint to resume from (resume_step -1) starts both logs afresh.
     third = MetricsLogger(tmp_path, config, 10, enabled=True, resume_step=-1)
     third.log(0, "eval", {"loss": 0.5})
@@ -466,13 +500,12 @@ def tokenise_on_two_nodes(root, shared_cache):
     """Four ranks as two nodes of two (LOCAL_RANK 0, 1, 0, 1), each node with its own datasets
     cache (or one cache for all): how many rows each rank tokenised."""
     import datasets
-
     import torch.distributed as dist
-    from test_trainer import make_config
 
     from mmpo_megatron.data import pipeline
     from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
     from mmpo_megatron.train.setup import load_data
+    from test_trainer import make_config
 
     initialize_parallel(device="cpu")
     rank = dist.get_rank()

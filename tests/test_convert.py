@@ -25,7 +25,9 @@ def family_configs():
                   num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
     return {
         "llama3": LlamaConfig(**common, rope_parameters=ROPE_LLAMA3),
-        "smollm2": LlamaConfig(**common, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+        "smollm2": LlamaConfig(
+            **common, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 100000.0}
+        ),
         "mistral": MistralConfig(**common, sliding_window=None),
         "qwen2": Qwen2Config(**common, tie_word_embeddings=False),
         "qwen3": Qwen3Config(**common, head_dim=16, tie_word_embeddings=False),
@@ -86,17 +88,17 @@ def convert_and_forward(root, names, tokens):
 
 def megatron_logits(root, names, tokens):
     """Full-vocab logits of each converted checkpoint under the current TP (gathered)."""
+    from dataclasses import replace
+
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-
-    from dataclasses import replace
 
     from mmpo_megatron.config import ParallelConfig, PrecisionConfig
     from mmpo_megatron.convert.checkpoints import read_hf_config
     from mmpo_megatron.convert.llama import model_config_from_hf
     from mmpo_megatron.model.builder import build_model_chunks
-    from mmpo_megatron.parallel import initialize_parallel
     from mmpo_megatron.model.checkpoint import load_weights
+    from mmpo_megatron.parallel import initialize_parallel
 
     if not ps.model_parallel_is_initialized():
         initialize_parallel(tensor_parallel=dist.get_world_size() if dist.is_initialized() else 1, device="cpu")
@@ -105,8 +107,13 @@ def megatron_logits(root, names, tokens):
     for name in names:
         # Logits, not log-probs: megatron's own output layer (the fused head returns hidden states).
         model = replace(model_config_from_hf(read_hf_config(Path(root) / f"{name}_mcore")), fused_logprob_chunk=0)
-        chunks = build_model_chunks(model, ParallelConfig(tensor_parallel=tp, device="cpu"), PrecisionConfig(dtype="fp32"),
-                                    vocab_size=VOCAB, device="cpu")
+        chunks = build_model_chunks(
+            model,
+            ParallelConfig(tensor_parallel=tp, device="cpu"),
+            PrecisionConfig(dtype="fp32"),
+            vocab_size=VOCAB,
+            device="cpu",
+        )
         load_weights(Path(root) / f"{name}_mcore", chunks)
         positions = torch.arange(SEQ).unsqueeze(0).expand(tokens.shape[0], -1)
         with torch.no_grad():
@@ -148,8 +155,17 @@ def score_and_train(root):
     sys.path.insert(0, str(REPO / "tools"))
     from score_pairs import score_pairs
 
-    from mmpo_megatron.config import (CheckpointConfig, DataConfig, DataSourceConfig, LoggingConfig, ModelConfig,
-                                      OptimConfig, ParallelConfig, TrainConfig, TrainerConfig)
+    from mmpo_megatron.config import (
+        CheckpointConfig,
+        DataConfig,
+        DataSourceConfig,
+        LoggingConfig,
+        ModelConfig,
+        OptimConfig,
+        ParallelConfig,
+        TrainConfig,
+        TrainerConfig,
+    )
     from mmpo_megatron.train.trainer import run_training
 
     root = Path(root)
@@ -199,7 +215,9 @@ def test_score_pairs_and_trained_checkpoint_export_match_transformers(hf_models)
     # score_pairs (PP=2) vs a plain transformers forward of the original HF model on the same tokens.
     tok = build_byte_tokenizer()
     hf = AutoModelForCausalLM.from_pretrained(root / "llama3", torch_dtype=torch.float32).eval()
-    rows = [json.loads(line) for line in (REPO / "mmpo_megatron/data/demo/arith_test.jsonl").read_text().splitlines()[:6]]
+    rows = [
+        json.loads(line) for line in (REPO / "mmpo_megatron/data/demo/arith_test.jsonl").read_text().splitlines()[:6]
+    ]
     scores = [json.loads(line) for line in (root / "scores_pp2.jsonl").read_text().splitlines()]
     assert [s["index"] for s in scores] == list(range(6))
     for row, score in zip(rows, scores):
@@ -236,7 +254,10 @@ def test_bad_inputs_fail_clearly_and_leave_no_output(hf_models, tmp_path):
     cases = [
         (["--hf-model", str(gpt2)], "model_type 'gpt2' is not supported"),
         (["--hf-model", str(truncated)], "truncated or corrupt"),
-        (["--hf-model", str(root / "llama3"), "--tp", "3"], "parallel.tensor_parallel: 3 must divide model.num_attention_heads=4"),
+        (
+            ["--hf-model", str(root / "llama3"), "--tp", "3"],
+            "parallel.tensor_parallel: 3 must divide model.num_attention_heads=4",
+        ),
     ]
     # Through the tool's own entry point (argument parser, exit code, stderr), on one pooled rank.
     argvs = [[*args, "--output", str(tmp_path / f"out{i}")] for i, (args, _) in enumerate(cases)]

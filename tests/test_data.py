@@ -2,9 +2,9 @@
 masks, truncation, bad rows, mixing, sampler determinism/resume, packing, and the demo data."""
 
 import json
-from collections import Counter
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -13,11 +13,17 @@ import torch
 
 from mmpo_megatron.config import ConfigError, DataConfig, DataSourceConfig
 from mmpo_megatron.data.collate import collate_pairs
-from mmpo_megatron.data.packing import collate_packed, pack_pairs, packed_causal_mask, packed_sequence_sums, packing_report
-from mmpo_megatron.data.sampling import PairSampler, eval_microbatches
 from mmpo_megatron.data.demo_data import SPLIT_SIZES, demo_data_file, generate
 from mmpo_megatron.data.formats import DataError
+from mmpo_megatron.data.packing import (
+    collate_packed,
+    pack_pairs,
+    packed_causal_mask,
+    packed_sequence_sums,
+    packing_report,
+)
 from mmpo_megatron.data.pipeline import build_pairs, prepare_source
+from mmpo_megatron.data.sampling import PairSampler, eval_microbatches
 from mmpo_megatron.data.tokenizer import build_byte_tokenizer
 from mmpo_megatron.parallel.testing import tool_main
 
@@ -25,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A real chat template (ChatML, as Qwen2 ships it), set on a tokenizer built locally.
 CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
@@ -53,7 +60,9 @@ def enc(t, text, special=False):
 
 
 def prepare(path, tokenizer, fmt="auto", columns=None, **cfg):
-    config = DataConfig(max_length=cfg.pop("max_length", 256), max_prompt_length=cfg.pop("max_prompt_length", 128), **cfg)
+    config = DataConfig(
+        max_length=cfg.pop("max_length", 256), max_prompt_length=cfg.pop("max_prompt_length", 128), **cfg
+    )
     return prepare_source(DataSourceConfig(path=path, format=fmt, columns=columns), tokenizer, config)
 
 
@@ -63,13 +72,17 @@ def prepare(path, tokenizer, fmt="auto", columns=None, **cfg):
 def test_plain_nemo_and_column_mapping_give_the_same_tokens(tmp_path, tok):
     eos = tok.eos_token_id
     plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5"}])
-    nemo = write_jsonl(tmp_path / "nemo.jsonl", [{"prompt": "Q: 2+2?", "chosen_response": " 4", "rejected_response": " 5"}])
+    nemo = write_jsonl(
+        tmp_path / "nemo.jsonl", [{"prompt": "Q: 2+2?", "chosen_response": " 4", "rejected_response": " 5"}]
+    )
     custom = tmp_path / "custom.parquet"
     datasets.Dataset.from_list([{"instruction": "Q: 2+2?", "good": " 4", "bad": " 5"}]).to_parquet(str(custom))
     results = [
         prepare(plain, tok)[0][0],
         prepare(nemo, tok)[0][0],
-        prepare(str(custom), tok, fmt="columns", columns={"prompt": "instruction", "chosen": "good", "rejected": "bad"})[0][0],
+        prepare(
+            str(custom), tok, fmt="columns", columns={"prompt": "instruction", "chosen": "good", "rejected": "bad"}
+        )[0][0],
     ]
     for row in results:
         assert row["prompt_ids"] == enc(tok, "Q: 2+2?", special=True)
@@ -82,18 +95,35 @@ def test_plain_nemo_and_column_mapping_give_the_same_tokens(tmp_path, tok):
 def test_conversational_formats_with_a_real_chat_template_exact_masks(tmp_path, chatml_tok):
     t = chatml_tok
     system, question = "Be brief.", "Capital of France?"
-    orca = write_jsonl(tmp_path / "orca.jsonl", [{"system": system, "question": question, "chosen": "Paris", "rejected": "Lyon"}])
-    uf = write_jsonl(tmp_path / "uf.jsonl", [{
-        "prompt": question,
-        "chosen": [{"role": "system", "content": system}, {"role": "user", "content": question}, {"role": "assistant", "content": "Paris"}],
-        "rejected": [{"role": "system", "content": system}, {"role": "user", "content": question}, {"role": "assistant", "content": "Lyon"}],
-    }])
+    orca = write_jsonl(
+        tmp_path / "orca.jsonl", [{"system": system, "question": question, "chosen": "Paris", "rejected": "Lyon"}]
+    )
+    uf = write_jsonl(
+        tmp_path / "uf.jsonl",
+        [
+            {
+                "prompt": question,
+                "chosen": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": "Paris"},
+                ],
+                "rejected": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": "Lyon"},
+                ],
+            }
+        ],
+    )
     conv = write_jsonl(tmp_path / "conv.jsonl", [{
         "prompt": [{"role": "system", "content": system}, {"role": "user", "content": question}],
         "chosen": [{"role": "assistant", "content": "Paris"}],
         "rejected": "Lyon",
     }])
-    prompt_text = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    prompt_text = (
+        f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    )
     expected_prompt = enc(t, prompt_text)
     expected_chosen = enc(t, "Paris<|im_end|>\n")
     for path in (orca, uf, conv):
@@ -122,7 +152,9 @@ def test_template_that_breaks_the_prefix_fails_with_the_row(tmp_path):
         "{% for m in messages %}{{ m['role'] + ':' + m['content'] + ';' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ 'ASSISTANT>' }}{% endif %}"
     )
-    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}])
+    path = write_jsonl(
+        tmp_path / "c.jsonl", [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}]
+    )
     with pytest.raises(DataError, match="row 0: the chat template's prompt tokens"):
         prepare(path, t)
 
@@ -134,7 +166,9 @@ def test_local_folder_and_saved_dataset_and_split_slices(tmp_path, tok):
     write_jsonl(folder / "b.jsonl", [{"prompt": f"q{i}", "chosen": "c", "rejected": "r"} for i in range(2)])
     assert len(prepare(str(folder), tok)[0]) == 5
     saved = tmp_path / "saved"
-    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list([{"prompt": "x", "chosen": "y", "rejected": "z"}] * 4)}).save_to_disk(str(saved))
+    datasets.DatasetDict(
+        {"train_prefs": datasets.Dataset.from_list([{"prompt": "x", "chosen": "y", "rejected": "z"}] * 4)}
+    ).save_to_disk(str(saved))
     config = DataConfig(max_length=64, max_prompt_length=32)
     pairs, _ = prepare_source(DataSourceConfig(path=str(saved), split="train_prefs"), tok, config)
     assert len(pairs) == 4
@@ -200,7 +234,9 @@ def test_fatal_errors_name_source_line_and_column(tmp_path, tok):
         prepare(missing, tok, fmt="sharegpt")
     with pytest.raises(DataError, match="no such file"):
         prepare(str(tmp_path / "nope.jsonl"), tok)
-    conv = write_jsonl(tmp_path / "conv.jsonl", [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}])
+    conv = write_jsonl(
+        tmp_path / "conv.jsonl", [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}]
+    )
     no_template = build_byte_tokenizer()
     no_template.chat_template = None
     with pytest.raises(DataError, match="row 0 is conversational but tokenizer"):
@@ -253,13 +289,21 @@ def test_a_source_weight_is_the_fraction_of_it_an_epoch_uses(tmp_path, tok):
 
     plain, report = build_pairs([DataSourceConfig(path=a), DataSourceConfig(path=b)], tok, config)
     assert counts(plain) == {"a.jsonl": 10, "b.jsonl": 6} and report.pairs_used == 16
-    assert sorted(zip(plain["source"], plain["index"])) == sorted(set(zip(plain["source"], plain["index"])))  # once each
-    weighted, report = build_pairs([DataSourceConfig(path=a, weight=0.5), DataSourceConfig(path=b, weight=2.0)], tok, config)
+    assert sorted(zip(plain["source"], plain["index"])) == sorted(
+        set(zip(plain["source"], plain["index"]))
+    )  # once each
+    weighted, report = build_pairs(
+        [DataSourceConfig(path=a, weight=0.5), DataSourceConfig(path=b, weight=2.0)], tok, config
+    )
     assert counts(weighted) == {"a.jsonl": 5, "b.jsonl": 12} and report.pairs_used == 17
     assert len(set(i for s, i in zip(weighted["source"], weighted["index"]) if s.startswith(str(a)))) == 5  # a half
-    assert Counter(i for s, i in zip(weighted["source"], weighted["index"]) if s.startswith(str(b))) == {i: 2 for i in range(6)}
+    assert Counter(i for s, i in zip(weighted["source"], weighted["index"]) if s.startswith(str(b))) == {
+        i: 2 for i in range(6)
+    }
     again, _ = build_pairs([DataSourceConfig(path=a, weight=0.5)], tok, config)
-    assert again["index"] == [i for s, i in zip(weighted["source"], weighted["index"]) if s.startswith(str(a))]  # seeded
+    assert again["index"] == [
+        i for s, i in zip(weighted["source"], weighted["index"]) if s.startswith(str(a))
+    ]  # seeded
     assert [(s["pairs_kept"], s["weight"], s["pairs_used"]) for s in report.sources] == [(10, 0.5, 5), (6, 2.0, 12)]
     assert "17 pairs an epoch" in report.summary()
     held_out, report = build_pairs([DataSourceConfig(path=a, weight=3.0), DataSourceConfig(path=b, weight=1.5)], tok,
@@ -353,7 +397,9 @@ def _packing_equivalence(seed):
         sums = packed_sequence_sums(per_token, packed)
     by_sequence = {(pos, side): sums[k].item() for k, (_, pos, side) in enumerate(packed.sequences)}
     n = len(pairs)
-    expected = {(i, "chosen"): plain[i].item() for i in range(n)} | {(i, "rejected"): plain[n + i].item() for i in range(n)}
+    expected = {(i, "chosen"): plain[i].item() for i in range(n)} | {
+        (i, "rejected"): plain[n + i].item() for i in range(n)
+    }
     return {"packed": by_sequence, "unpacked": expected, "report": packing_report(pairs, bins, row_length),
             "bins": bins}
 
@@ -454,7 +500,10 @@ def test_inspect_data_mixes_several_sources_and_says_what_each_gave(tmp_path, to
 
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "chosen": "x", "rejected": "y"} for i in range(10)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "chosen": "x", "rejected": "y"} for i in range(6)])
-    assert inspect_data.main(["--data", str(a), "--data", str(b), "--examples", "0", "--report", str(tmp_path / "r.json")]) == 0
+    assert (
+        inspect_data.main(["--data", str(a), "--data", str(b), "--examples", "0", "--report", str(tmp_path / "r.json")])
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"{a}:train: 10 pairs an epoch (weight 1 of 10 kept)" in out and "mixed: 16 pairs an epoch" in out
     report = json.loads((tmp_path / "r.json").read_text())

@@ -172,8 +172,11 @@ def test_start_up_checks_run_before_any_work(tmp_path):
     out = tmp_path / "run"
     cases = [(["precision.fp8=hybrid", "model.layer_spec=transformer_engine", "device=cpu"], {}),
              (["--config-name", "train_demo", "parallel.tensor_parallel=3"], {"WORLD_SIZE": "3"})]
-    results = run_on_ranks(entry_script, 1, [(args + [f"train.output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"], env)
-                                             for args, env in cases])[0]
+    results = run_on_ranks(
+        entry_script,
+        1,
+        [(args + [f"train.output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"], env) for args, env in cases],
+    )[0]
     expected = ["config error: model.layer_spec: transformer_engine needs",
                 "config error: parallel.tensor_parallel: 3 must divide model.num_attention_heads=4"]
     for (code, stderr), line in zip(results, expected, strict=True):
@@ -231,7 +234,9 @@ def test_from_hf_nine_heads_trains_at_tp3_with_no_shape_keys(tmp_path):
     state = json.loads((out / "checkpoints" / "step_0000002" / "trainer_state.json").read_text())
     assert state["layout"]["tensor_parallel"] == 3
     assert (state["model"]["num_attention_heads"], state["model"]["num_query_groups"]) == (9, 3)
-    assert state["train_config"]["data"]["max_length"] == 24 and state["train_config"]["data"]["max_prompt_length"] is None
+    assert (
+        state["train_config"]["data"]["max_length"] == 24 and state["train_config"]["data"]["max_prompt_length"] is None
+    )
 
 
 # ------------------------------------------------------------------------------------ prompt limits
@@ -311,7 +316,11 @@ def score_and_narrow(root, pairs):
         with contextlib.redirect_stdout(printed):
             code = score_pairs.main(["--checkpoint", str(checkpoint), "--data", str(pairs), "--max-length", "40",
                                      "--output", str(root / f"{name}.jsonl")])
-        out[name] = (code, printed.getvalue(), [json.loads(line) for line in (root / f"{name}.jsonl").read_text().splitlines()])
+        out[name] = (
+            code,
+            printed.getvalue(),
+            [json.loads(line) for line in (root / f"{name}.jsonl").read_text().splitlines()],
+        )
     warned = io.StringIO()
     with contextlib.redirect_stderr(warned), contextlib.redirect_stdout(io.StringIO()):
         convert_megatron_to_hf(root / "run", root / "hf_bf16", dtype="bf16")
@@ -331,8 +340,12 @@ def test_fp32_run_exported_and_reimported_with_default_flags_scores_like_the_tra
     assert "weights: fp32" in imported.stdout
     # A user's local file with no --split, and --max-length alone.
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)}) + "\n"
-                             for a, b in [(12, 7), (40, 3), (9, 9), (25, 17), (3, 88), (61, 1)]))
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)}) + "\n"
+            for a, b in [(12, 7), (40, 3), (9, 9), (25, 17), (3, 88), (61, 1)]
+        )
+    )
     out = run_on_ranks(score_and_narrow, 1, str(tmp_path), str(pairs))[0]
     for name in ("trained", "reimported"):
         code, printed, _ = out[name]
@@ -340,7 +353,9 @@ def test_fp32_run_exported_and_reimported_with_default_flags_scores_like_the_tra
     trained, reimported = out["trained"][2], out["reimported"][2]
     assert [r["index"] for r in trained] == list(range(6)) == [r["index"] for r in reimported]
     for a, b in zip(trained, reimported):
-        assert abs(a["chosen_logps"] - b["chosen_logps"]) < 1e-4 and abs(a["rejected_logps"] - b["rejected_logps"]) < 1e-4
+        assert (
+            abs(a["chosen_logps"] - b["chosen_logps"]) < 1e-4 and abs(a["rejected_logps"] - b["rejected_logps"]) < 1e-4
+        )
     # Forcing bf16 onto these fp32 weights is allowed, with the measured cost said.
     warning = [line for line in out["narrowing"].splitlines() if line.startswith("warning: --dtype bf16 rounds")]
     assert warning and float(warning[0].split("up to ")[1].split(" nats")[0]) > 0, out["narrowing"]
@@ -439,7 +454,7 @@ def test_run_folders_restart_resume_and_survive_a_damaged_checkpoint(tmp_path, c
 
 
 def test_checkpoint_manifest_detects_truncation_and_missing_files(tmp_path):
-    from mmpo_megatron.model.checkpoint import MANIFEST, checkpoint_damage, resolve_checkpoint, DamagedCheckpointError
+    from mmpo_megatron.model.checkpoint import MANIFEST, DamagedCheckpointError, checkpoint_damage, resolve_checkpoint
 
     folder = tmp_path / "step_0000001"
     folder.mkdir()
@@ -467,8 +482,12 @@ def test_reference_cache_key_covers_what_changes_reference_values():
         return json.dumps(reference_cache_key(cfg, "weights@1", "cpu", 263, pack_length), sort_keys=True, default=str)
 
     changed = []
-    for mutate in (lambda c: setattr(c.precision, "fp8", "hybrid"), lambda c: setattr(c.precision, "fp8_recipe", "tensorwise"),
-                   lambda c: setattr(c.precision, "dtype", "bf16"), lambda c: setattr(c.model, "layer_spec", "local_sdpa")):
+    for mutate in (
+        lambda c: setattr(c.precision, "fp8", "hybrid"),
+        lambda c: setattr(c.precision, "fp8_recipe", "tensorwise"),
+        lambda c: setattr(c.precision, "dtype", "bf16"),
+        lambda c: setattr(c.model, "layer_spec", "local_sdpa"),
+    ):
         cfg = small_config("unused")
         mutate(cfg)
         changed.append(key(cfg) != key(base))
@@ -521,7 +540,9 @@ def real_runs(root):
     from mmpo_megatron.model.checkpoint import latest_checkpoint
 
     out = {dtype: real_run(root, dtype, Path(root) / f"mcore_{dtype}") for dtype in ("fp32", "bf16")}
-    out["saved"] = {dtype: saved_weight_dtype(latest_checkpoint(Path(root) / dtype / "checkpoints")) for dtype in ("fp32", "bf16")}
+    out["saved"] = {
+        dtype: saved_weight_dtype(latest_checkpoint(Path(root) / dtype / "checkpoints")) for dtype in ("fp32", "bf16")
+    }
     return out
 
 

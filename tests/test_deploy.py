@@ -7,10 +7,10 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from hydra import compose, initialize_config_dir
 
 from mmpo_megatron.parallel.testing import run_on_ranks, tool_main
@@ -46,7 +46,11 @@ def test_top_level_configs_compose_and_validate(name):
     cfg = composed(name)
     mp = cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
     # The smallest world with whole data-parallel replicas that split the global batch.
-    world = next(w for w in range(mp, 64 * mp + 1, mp) if cfg.train.global_batch_size % (cfg.train.micro_batch_size * (w // mp)) == 0)
+    world = next(
+        w
+        for w in range(mp, 64 * mp + 1, mp)
+        if cfg.train.global_batch_size % (cfg.train.micro_batch_size * (w // mp)) == 0
+    )
     cfg.validate_for_world(world)
 
 
@@ -81,11 +85,20 @@ def test_large_model_recipes_lay_out_on_their_clusters():
     assert cfg.parallel.uses_sequence_parallel and cfg.model.recompute == "none"
     assert cfg.data.max_prompt_length == 1800 and cfg.reference.mode == "precompute"
     # The paper's LoRA setups (its authors' recipes), the reference the base with adapters off.
-    for recipe, (rank, targets, lr) in {"llama3_2_1b_mmpo_lora": (64, 7, 5e-4), "llama3_8b_mmpo_lora": (32, 4, 1e-4)}.items():
+    for recipe, (rank, targets, lr) in {
+        "llama3_2_1b_mmpo_lora": (64, 7, 5e-4),
+        "llama3_8b_mmpo_lora": (32, 4, 1e-4),
+    }.items():
         cfg = composed(recipe)
         cfg.validate_for_world(8)
         lora = cfg.model.lora
-        assert (lora.rank, lora.alpha, lora.dropout, len(lora.projections), cfg.optim.lr) == (rank, rank, 0.01, targets, lr)
+        assert (lora.rank, lora.alpha, lora.dropout, len(lora.projections), cfg.optim.lr) == (
+            rank,
+            rank,
+            0.01,
+            targets,
+            lr,
+        )
         assert cfg.reference.mode == "adapters_off" and cfg.train.global_batch_size == 128 and cfg.train.epochs == 5
         assert (cfg.optim.warmup_ratio, cfg.optim.decay_style, cfg.data.max_length, cfg.data.max_prompt_length) == (
             0.1, "cosine", 2312, 1800)
@@ -137,7 +150,9 @@ def test_dockerfile_installs_pyprojects_dependencies_less_torch():
     assert "torch" in names
     # Exactly the requirement named torch goes (a torchdata or torchao would stay), nothing else.
     assert done.stdout.split() == [d for d, name in zip(declared, names) if name != "torch"]
-    assert {"megatron-core", "transformers", "tensorboard", "hydra-core"} <= {Requirement(d).name for d in done.stdout.split()}
+    assert {"megatron-core", "transformers", "tensorboard", "hydra-core"} <= {
+        Requirement(d).name for d in done.stdout.split()
+    }
 
 
 def test_dockerfile_and_sbatch_pass_hadolint_and_shellcheck():
@@ -202,7 +217,11 @@ def test_benchmark_against_trl_on_the_same_data(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ours, online, precompute = json.loads(out.read_text())["results"]
-    assert ours["layer_spec"] == "local" and online["layer_spec"] == "trl-online" and precompute["layer_spec"] == "trl-precomp"
+    assert (
+        ours["layer_spec"] == "local"
+        and online["layer_spec"] == "trl-online"
+        and precompute["layer_spec"] == "trl-precomp"
+    )
     # 12+12 under the byte tokenizer: each pair feeds 2 x 12 prompt + 12 + 12 completion tokens, less
     # the last token of each row; 2 pairs a step. Both sides must count exactly that per step (2 timed
     # steps: the median step time is the mean), so the ratio is the inverse ratio of step times.
@@ -223,7 +242,9 @@ def test_attention_benchmark_lays_the_same_pairs_out_packed_and_padded(tmp_path)
     assert code == 0, stderr[-2000:]
     packed, padded = json.loads(out.read_text())["results"]
     assert packed["real_tokens"] == padded["real_tokens"] > 0
-    assert packed["rows"] * packed["length"] >= packed["real_tokens"] and packed["length"] <= 2048  # 2 x --max-length on CPU
+    assert (
+        packed["rows"] * packed["length"] >= packed["real_tokens"] and packed["length"] <= 2048
+    )  # 2 x --max-length on CPU
     assert padded["rows"] == 12  # chosen and rejected of each pair
     assert packed["padding_fraction"] < padded["padding_fraction"]
     assert "packed (flex_attention)" in stdout and "padded (SDPA causal)" in stdout
@@ -235,7 +256,8 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 # Stands for the GPU machine's python: answers the report's checks at once, and runs each phase's
 # command as FAKE_PHASES tells (ok | fail | hang).
 case "$1" in
-    -c) [[ "$2" == *"import torch, megatron.core"* ]] && echo "torch 2.11.0 | CUDA 13.0 | megatron-core 0.19.2 | NVIDIA H200"
+    -c) [[ "$2" == *"import torch, megatron.core"* ]] &&
+            echo "torch 2.11.0 | CUDA 13.0 | megatron-core 0.19.2 | NVIDIA H200"
         [[ "$2" == *"import megatron.core, hydra"* && -n "${FAKE_MISSING:-}" ]] && exit 1
         exit 0 ;;
     -m) phase=smoke ;;
@@ -287,9 +309,8 @@ def test_gpu_kit_requirements_and_a_missing_trl_module_named(tmp_path, monkeypat
     the module to carry."""
     import zipfile
 
-    import gpu_kit
-
     import benchmark
+    import gpu_kit
 
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     wanted = gpu_kit.requirements()
@@ -320,8 +341,14 @@ def test_the_sweep_submits_the_papers_grid_sharing_one_reference_cache(tmp_path)
     SimPO's gamma 1.6 x beta, one run folder each, one reference cache; every job's overrides
     compose on its recipe."""
     # A relative output root is the caller's, not the repository's (the script changes folder).
-    done = subprocess.run(["bash", str(REPO / "examples/slurm/sweep.sh"), "smollm2_360m_mmpo", "sweep", "data.tokenizer=/m"],
-                          cwd=tmp_path, env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", str(REPO / "examples/slurm/sweep.sh"), "smollm2_360m_mmpo", "sweep", "data.tokenizer=/m"],
+        cwd=tmp_path,
+        env={**os.environ, "DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     tmp_path = tmp_path / "sweep"
     jobs = [shlex.split(line) for line in done.stdout.splitlines()]
@@ -331,14 +358,20 @@ def test_the_sweep_submits_the_papers_grid_sharing_one_reference_cache(tmp_path)
         assert job[:job.index("examples/slurm/train_mmpo.sbatch")][-2:] == ["--nodes=1", "--gpus-per-node=1"]
         args = job[job.index("examples/slurm/train_mmpo.sbatch") + 1:]
         if "loss=simpo" in args:
-            assert any(a in ("loss.gamma=0.016", "loss.gamma=0.08", "loss.gamma=0.16", "loss.gamma=0.8") for a in args), args
+            assert any(
+                a in ("loss.gamma=0.016", "loss.gamma=0.08", "loss.gamma=0.16", "loss.gamma=0.8") for a in args
+            ), args
         assert args[:2] == ["--config-name", "smollm2_360m_mmpo"]
         cfg = composed(args[1], args[2:])
         seen[(cfg.loss.name, cfg.loss.beta)] = cfg
         assert cfg.reference.cache_dir == str(tmp_path / "reference_cache")
         assert cfg.train.output_dir == str(tmp_path / f"{cfg.loss.name}-beta{cfg.loss.beta:g}")
     assert sorted(seen) == sorted((loss, beta) for loss in ("mmpo", "dpo", "simpo") for beta in (0.01, 0.05, 0.1, 0.5))
-    assert {loss: seen[(loss, 0.1)].optim.lr for loss in ("mmpo", "dpo", "simpo")} == {"mmpo": 5e-4, "dpo": 5e-5, "simpo": 1e-4}
+    assert {loss: seen[(loss, 0.1)].optim.lr for loss in ("mmpo", "dpo", "simpo")} == {
+        "mmpo": 5e-4,
+        "dpo": 5e-5,
+        "simpo": 1e-4,
+    }
     assert seen[("simpo", 0.5)].loss.gamma == pytest.approx(0.8)
     paper = seen[("mmpo", 0.1)]
     assert (paper.train.global_batch_size, paper.train.epochs, paper.optim.decay_style, paper.optim.warmup_ratio,

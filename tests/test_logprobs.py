@@ -77,7 +77,12 @@ def logprob_layouts(seed):
         weight_shard = weight.chunk(size, dim=0)[rank].clone().requires_grad_()
         logp = output_layer_logprobs(hidden, weight_shard, labels, chunk=4, vocab_size=90)
         (logp * w).sum().backward()
-        results[(tp, "fused")] = {"logp": logp.detach(), "grad_hidden": hidden.grad, "grad_weight": weight_shard.grad, "rank": rank}
+        results[(tp, "fused")] = {
+            "logp": logp.detach(),
+            "grad_hidden": hidden.grad,
+            "grad_weight": weight_shard.grad,
+            "rank": rank,
+        }
         destroy_parallel()
     return results
 
@@ -112,7 +117,9 @@ def test_vocab_parallel_logprobs_match_full_log_softmax():
     for tp in (1, 2, 4):
         for r in (res[(tp, "padded")] for res in per_rank):
             torch.testing.assert_close(r["sum"].double(), ref_sums, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(r["grad_shard"].double(), ref_grad.chunk(tp, dim=-1)[r["rank"]], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                r["grad_shard"].double(), ref_grad.chunk(tp, dim=-1)[r["rank"]], rtol=1e-5, atol=1e-6
+            )
 
 
 def check_fused(per_rank, seed):
@@ -126,7 +133,9 @@ def check_fused(per_rank, seed):
         for r in (res[(tp, "fused")] for res in per_rank):
             torch.testing.assert_close(r["logp"].double(), logp.detach(), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(r["grad_hidden"].double(), h.grad, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(r["grad_weight"].double(), grad_weight.chunk(tp, dim=0)[r["rank"]], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                r["grad_weight"].double(), grad_weight.chunk(tp, dim=0)[r["rank"]], rtol=1e-5, atol=1e-5
+            )
 
 
 def test_single_process_without_parallel_state_matches_reference():
@@ -192,5 +201,7 @@ def test_bf16_fused_head_is_as_accurate_as_unfused_bf16():
         fused_err, unfused_err = (f - r).abs().max().item(), (u - r).abs().max().item()
         scale = r.abs().max().item()
         bound = 3.0 if name == "grad_hidden" else 1.25  # (1.0 here; slack for other GEMM kernels)
-        assert fused_err <= bound * unfused_err + 1e-6 * scale, f"{name}: fused {fused_err} vs unfused {unfused_err} (seed {seed})"
+        assert fused_err <= bound * unfused_err + 1e-6 * scale, (
+            f"{name}: fused {fused_err} vs unfused {unfused_err} (seed {seed})"
+        )
         assert fused_err <= 2e-2 * scale, f"{name}: {fused_err} vs scale {scale} (seed {seed})"

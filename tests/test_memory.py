@@ -14,7 +14,8 @@ from mmpo_megatron.memory import track_peak_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
-from logprob_memory import main as logprob_memory_main, measure  # noqa: E402
+from logprob_memory import main as logprob_memory_main  # noqa: E402
+from logprob_memory import measure
 
 HIDDEN, VOCAB, CHUNK = 32, 4000, 64
 

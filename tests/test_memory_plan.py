@@ -21,13 +21,20 @@ def test_predicted_memory_matches_a_measured_step_at_tp2_with_sequence_paralleli
     on; full recompute of 2 of 4 layers by the block method keeps the other two layers' activations;
     LoRA (dropout 0.1) at TP=2 x SP: adapter parameters counted exactly, the optimizer holding only them."""
     lora = dataclasses.replace(plan_layout.CHECK_WORK, lora_rank=16, lora_dropout=0.1)
-    rows = plan_layout.check(layouts=[(2, Layout(2, 1, 1), "local"),
-                                      (1, Layout(recompute="full", recompute_method="block", recompute_num_layers=2), "local"),
-                                      (2, Layout(2, 1, 1), "local", lora)])
+    rows = plan_layout.check(
+        layouts=[
+            (2, Layout(2, 1, 1), "local"),
+            (1, Layout(recompute="full", recompute_method="block", recompute_num_layers=2), "local"),
+            (2, Layout(2, 1, 1), "local", lora),
+        ]
+    )
     assert rows[0]["parameters_predicted"] == rows[0]["parameters_measured"]  # exact, per TP rank
     assert rows[2]["parameters_predicted"] == rows[2]["parameters_measured"]  # base + adapters, exact
     model = ModelConfig(**plan_layout.CHECK_MODEL)
-    adapters = estimate(model, Layout(2, 1, 1), lora, vocab_size=plan_layout.CHECK_VOCAB).parameters - rows[0]["parameters_predicted"]
+    adapters = (
+        estimate(model, Layout(2, 1, 1), lora, vocab_size=plan_layout.CHECK_VOCAB).parameters
+        - rows[0]["parameters_predicted"]
+    )
     assert rows[2]["optimizer_parameters"] == adapters > 0  # the optimizer holds the adapters only
     for row in rows:  # tools/plan_layout.py --check: within 8.2% at twelve layouts
         assert abs(row["error"]) < 0.10, row
@@ -86,10 +93,12 @@ def test_the_plan_answers_will_it_fit():
     assert estimate(llama70b, layout, resident).total - estimate(llama70b, layout, work).total == pytest.approx(
         estimate(llama70b, layout, work).weights)
     # Recompute and sequence parallelism lower activations, in that order of strength.
-    acts = {rc: estimate(llama70b, Layout(8, 4, 1, recompute=rc), work).activations for rc in ("none", "selective", "full")}
+    acts = {
+        rc: estimate(llama70b, Layout(8, 4, 1, recompute=rc), work).activations for rc in ("none", "selective", "full")
+    }
     assert acts["none"] > acts["selective"] > acts["full"]
     assert estimate(llama70b, Layout(8, 4, 1, sequence_parallel=False), work).activations > acts["none"]
-    assert all(llama70b.num_attention_heads % l.tensor_parallel == 0 for l in candidate_layouts(llama70b, 32))
+    assert all(llama70b.num_attention_heads % layout.tensor_parallel == 0 for layout in candidate_layouts(llama70b, 32))
 
 
 def test_the_tool_prints_a_table_and_refuses_an_unknown_model(capsys, tmp_path):

@@ -10,8 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmpo_megatron.config import (CheckpointConfig, DataConfig, DataSourceConfig, EvalConfig, LoggingConfig, LossConfig,
-                                  OptimConfig, ParallelConfig, ReferenceConfig, TrainConfig, TrainerConfig)
+from mmpo_megatron.config import (
+    CheckpointConfig,
+    DataConfig,
+    DataSourceConfig,
+    EvalConfig,
+    LoggingConfig,
+    LossConfig,
+    OptimConfig,
+    ParallelConfig,
+    ReferenceConfig,
+    TrainConfig,
+    TrainerConfig,
+)
 from mmpo_megatron.parallel.testing import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,9 +40,19 @@ def tiny_hf(tmp_path_factory):
     from mmpo_megatron.data.tokenizer import build_byte_tokenizer
 
     root = tmp_path_factory.mktemp("paper")
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
@@ -108,7 +129,9 @@ def test_the_run_watches_its_language_modelling_nll_on_a_corpus(tiny_hf, tp, los
     start, end = records[0], records[-1]
     assert [r["step"] for r in records] == [0, 2]
     expected = hf_corpus_nll(root, 24)
-    assert start["lm/nll"] == pytest.approx(expected, rel=1e-5) and start["lm/nll_ref"] == pytest.approx(expected, rel=1e-5)
+    assert start["lm/nll"] == pytest.approx(expected, rel=1e-5) and start["lm/nll_ref"] == pytest.approx(
+        expected, rel=1e-5
+    )
     assert start["lm/nll_delta"] == pytest.approx(0.0, abs=1e-5)
     assert end["lm/nll"] != pytest.approx(start["lm/nll"], rel=1e-4)  # training moved it
     assert end["lm/nll_delta"] == pytest.approx(end["lm/nll"] - end["lm/nll_ref"], abs=1e-9)
@@ -122,11 +145,22 @@ def lm_reference_runs(root):
 
     root = Path(root)
     corpus = EvalConfig(lm_data=str(root / "corpus.txt"), lm_max_length=24)
-    out = {"other_reference": train(small_run(root, "lm_other_ref", loss=LossConfig(name="mmpo"), eval=corpus,
-                                              reference=ReferenceConfig(mode="precompute", checkpoint=str(root / "mcore_other"))))}
+    out = {
+        "other_reference": train(
+            small_run(
+                root,
+                "lm_other_ref",
+                loss=LossConfig(name="mmpo"),
+                eval=corpus,
+                reference=ReferenceConfig(mode="precompute", checkpoint=str(root / "mcore_other")),
+            )
+        )
+    }
 
     def simpo(name, lm_max_length=24):
-        cfg = small_run(root, name, loss=LossConfig(name="simpo"), eval=dataclasses.replace(corpus, lm_max_length=lm_max_length))
+        cfg = small_run(
+            root, name, loss=LossConfig(name="simpo"), eval=dataclasses.replace(corpus, lm_max_length=lm_max_length)
+        )
         cfg.checkpoint = dataclasses.replace(cfg.checkpoint, save_interval=1, keep_last=2)
         return cfg
 
@@ -164,9 +198,8 @@ def export_after_training(root, source, name, load):
     """Convert an HF folder (if given), train 2 steps from it (or from the seeded init), export with
     the converter's default flags."""
     from mmpo_megatron.convert import convert_hf_to_megatron
-    from mmpo_megatron.parallel.testing import tool_main
-
     from mmpo_megatron.parallel import destroy_parallel
+    from mmpo_megatron.parallel.testing import tool_main
 
     root = Path(root)
     if load:
@@ -177,7 +210,9 @@ def export_after_training(root, source, name, load):
         from mmpo_megatron.convert.checkpoints import read_hf_config
         from mmpo_megatron.convert.llama import model_config_from_hf
 
-        cfg.model = dataclasses.replace(model_config_from_hf(read_hf_config(root / f"{source}_mcore")), make_vocab_size_divisible_by=16)
+        cfg.model = dataclasses.replace(
+            model_config_from_hf(read_hf_config(root / f"{source}_mcore")), make_vocab_size_divisible_by=16
+        )
         cfg.checkpoint = CheckpointConfig(load_weights=str(root / f"{source}_mcore"))
         cfg.data.tokenizer = str(root / f"{source}_mcore" / "tokenizer")
     else:
@@ -204,17 +239,34 @@ def test_an_exported_model_generates_and_stops_at_the_source_models_end_of_turn(
                                            return_tensors="pt", return_dict=True)["input_ids"]
     end_of_turn = int(model(prompt).logits[0, -1].argmax())
     assert end_of_turn != tokenizer.eos_token_id
-    GenerationConfig(bos_token_id=1, eos_token_id=[end_of_turn, 2], pad_token_id=0, do_sample=False).save_pretrained(root / "chat")
+    GenerationConfig(bos_token_id=1, eos_token_id=[end_of_turn, 2], pad_token_id=0, do_sample=False).save_pretrained(
+        root / "chat"
+    )
     # A Mistral: its model type must survive (it exported as llama).
     with torch.random.fork_rng():
         torch.manual_seed(1)
-        AutoModelForCausalLM.from_config(MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                                       num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
-                                                       max_position_embeddings=128)).save_pretrained(root / "mistral")
+        AutoModelForCausalLM.from_config(
+            MistralConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                sliding_window=None,
+                max_position_embeddings=128,
+            )
+        ).save_pretrained(root / "mistral")
     shutil.copy2(root / "hf" / "tokenizer.json", root / "mistral")
     shutil.copy2(root / "hf" / "tokenizer_config.json", root / "mistral")
-    results = {name: run_on_ranks(export_after_training, 1, str(root), source, name, load)[0]
-               for name, source, load in (("chat_run", "chat", True), ("mistral_run", "mistral", True), ("random_run", None, False))}
+    results = {
+        name: run_on_ranks(export_after_training, 1, str(root), source, name, load)[0]
+        for name, source, load in (
+            ("chat_run", "chat", True),
+            ("mistral_run", "mistral", True),
+            ("random_run", None, False),
+        )
+    }
     assert all(code == 0 for code, _, _ in results.values()), results
     exported = AutoModelForCausalLM.from_pretrained(root / "chat_run_hf", torch_dtype=torch.float32).eval()
     assert exported.generation_config.eos_token_id == [end_of_turn, 2]
@@ -267,9 +319,17 @@ def sweep_runs(root):
     root = Path(root)
     cache = root / "sweep" / "reference_cache"
     runs, files = {}, {}
-    for name, loss in (("mmpo-beta0.1", LossConfig(name="mmpo", beta=0.1)), ("dpo-beta0.5", LossConfig(name="dpo", beta=0.5))):
-        cfg = small_run(root, f"sweep/{name}", loss=loss, reference=ReferenceConfig(mode="precompute", cache_dir=str(cache)),
-                        eval=EvalConfig(lm_data=str(root / "corpus.txt")))
+    for name, loss in (
+        ("mmpo-beta0.1", LossConfig(name="mmpo", beta=0.1)),
+        ("dpo-beta0.5", LossConfig(name="dpo", beta=0.5)),
+    ):
+        cfg = small_run(
+            root,
+            f"sweep/{name}",
+            loss=loss,
+            reference=ReferenceConfig(mode="precompute", cache_dir=str(cache)),
+            eval=EvalConfig(lm_data=str(root / "corpus.txt")),
+        )
         runs[name] = train(cfg)
         files[name] = {f.name: f.stat().st_mtime_ns for f in cache.iterdir()}
     return runs, files
@@ -288,8 +348,12 @@ def test_one_reference_cache_serves_the_sweep_and_compare_runs_tabulates_and_plo
     assert first_dpo["loss"] == pytest.approx(math.log(2), abs=1e-6)
     folders = sorted(str(p) for p in (root / "sweep").iterdir())  # as a shell's sweep/* gives them
     assert str(root / "sweep" / "reference_cache") in folders
-    code, stdout, stderr = run_on_ranks(tool_main, 1, str(REPO / "tools/compare_runs.py"),
-                                        [[*folders, "--png", str(tmp_path / "sweep.png"), "--table", str(tmp_path / "t.md")]])[0][0]
+    code, stdout, stderr = run_on_ranks(
+        tool_main,
+        1,
+        str(REPO / "tools/compare_runs.py"),
+        [[*folders, "--png", str(tmp_path / "sweep.png"), "--table", str(tmp_path / "t.md")]],
+    )[0][0]
     assert code == 0, stderr
     assert "skipped" in stderr and "reference_cache" in stderr
     rows = [line for line in stdout.splitlines() if line.startswith("| dpo") or line.startswith("| mmpo")]

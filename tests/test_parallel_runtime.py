@@ -151,7 +151,9 @@ def test_run_on_ranks_stops_a_deadlock_and_names_the_stuck_rank(monkeypatch):
 
 
 def _deadlock_and_failure_checks(monkeypatch, testing):
-    with pytest.raises(testing.RanksTimedOut, match=r"rank_one_waits_forever: rank\(s\) \[0, 1\] still running after 4 s"):
+    with pytest.raises(
+        testing.RanksTimedOut, match=r"rank_one_waits_forever: rank\(s\) \[0, 1\] still running after 4 s"
+    ):
         run_on_ranks(rank_one_waits_forever, 2, timeout=4)
     # A rank that raises fails the call with its traceback; the rank left in the barrier is stopped.
     monkeypatch.setattr(testing, "FAILURE_GRACE_S", 2.0)
@@ -207,7 +209,9 @@ def test_sequence_parallel_and_recompute_are_in_effect():
     ranks = run_on_ranks(sp_and_recompute_in_effect, 2, [mode for mode, _, _ in expected])
     for recompute, layer_calls, attention_calls in expected:
         for rank in (r[recompute] for r in ranks):
-            assert rank["sequence_parallel"] is True and rank["granularity"] == (None if recompute == "none" else recompute)
+            assert rank["sequence_parallel"] is True and rank["granularity"] == (
+                None if recompute == "none" else recompute
+            )
             assert rank["marked_norms"] == rank["norms"] == 5  # 2 per layer and the final norm
             assert rank["layer_inputs"] == [(SEQ // 2, BATCH, 32)] * layer_calls, recompute
             assert rank["core_attention_calls"] == attention_calls, recompute
@@ -311,8 +315,14 @@ def packed_rows_under_megatron_checkpoint(seed):
         t.grad = None
     plain = attention(q, k, v, packed_causal_mask(segment_ids))
     (plain * weights * real).sum().backward()
-    return {"mask_is_tensor": torch.is_tensor(mask), "flex_built": len(built), "checkpointed": checkpointed.detach() * real,
-            "plain": plain.detach() * real, "grads": grads, "plain_grads": [t.grad for t in (q, k, v)]}
+    return {
+        "mask_is_tensor": torch.is_tensor(mask),
+        "flex_built": len(built),
+        "checkpointed": checkpointed.detach() * real,
+        "plain": plain.detach() * real,
+        "grads": grads,
+        "plain_grads": [t.grad for t in (q, k, v)],
+    }
 
 
 def test_packed_rows_survive_activation_checkpointing_with_a_flex_mask():
@@ -320,7 +330,9 @@ def test_packed_rows_survive_activation_checkpointing_with_a_flex_mask():
     out = run_on_ranks(packed_rows_under_megatron_checkpoint, 1, seed)[0]
     assert out["mask_is_tensor"]  # a BlockMask here fails megatron's save_for_backward (the CUDA crash)
     assert out["flex_built"] == 1, out["flex_built"]  # the checkpointed forward ran flex, once for the call
-    torch.testing.assert_close(out["checkpointed"], out["plain"], rtol=1e-10, atol=1e-12, msg=lambda m: f"seed {seed}: {m}")
+    torch.testing.assert_close(
+        out["checkpointed"], out["plain"], rtol=1e-10, atol=1e-12, msg=lambda m: f"seed {seed}: {m}"
+    )
     for name, got, expected in zip("qkv", out["grads"], out["plain_grads"]):
         assert expected.abs().max() > 0
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"d{name}, seed {seed}: {m}")

@@ -48,7 +48,9 @@ def state_of(model):
         for group in inner.optimizer.param_groups:
             for param in group["params"]:
                 out.append(param.detach().clone())
-                out += [v.clone() for _, v in sorted(inner.optimizer.state.get(param, {}).items()) if torch.is_tensor(v)]
+                out += [
+                    v.clone() for _, v in sorted(inner.optimizer.state.get(param, {}).items()) if torch.is_tensor(v)
+                ]
     return out
 
 
@@ -57,8 +59,18 @@ def swap_round_trip(root, tp, pp, dtype="fp32", overlap=False):
     the swapped-in scores against the same weights run as a resident model. On two ranks: DP=2
     unless TP or PP is 2; ``overlap``: overlapped gradient reduce and parameter all-gather (an
     update's all-gather then waits for the next forward; the state is compared once it is done)."""
-    from mmpo_megatron.config import CheckpointConfig, DataConfig, DataSourceConfig, LoggingConfig, ModelConfig, \
-        OptimConfig, ParallelConfig, PrecisionConfig, TrainConfig, TrainerConfig
+    from mmpo_megatron.config import (
+        CheckpointConfig,
+        DataConfig,
+        DataSourceConfig,
+        LoggingConfig,
+        ModelConfig,
+        OptimConfig,
+        ParallelConfig,
+        PrecisionConfig,
+        TrainConfig,
+        TrainerConfig,
+    )
     from mmpo_megatron.data.pipeline import build_pairs
     from mmpo_megatron.data.tokenizer import load_tokenizer
     from mmpo_megatron.model.builder import build_model_chunks
@@ -66,21 +78,36 @@ def swap_round_trip(root, tp, pp, dtype="fp32", overlap=False):
     from mmpo_megatron.model.reference import CpuSwapReference, ResidentReference
     from mmpo_megatron.parallel import initialize_parallel
 
-    cfg = TrainConfig(device="cpu",
-                      model=ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                                        ffn_hidden_size=64, max_position_embeddings=64, make_vocab_size_divisible_by=16),
-                      data=DataConfig(max_length=32, pad_to_multiple=8),
-                      parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, overlap_grad_reduce=overlap,
-                                              overlap_param_gather=overlap),
-                      precision=PrecisionConfig(dtype=dtype),
-                      optim=OptimConfig(lr=1e-2, warmup_ratio=0.0), train=TrainerConfig(global_batch_size=4, micro_batch_size=2),
-                      checkpoint=CheckpointConfig(), logging=LoggingConfig(tensorboard=False, progress_bar=False))
+    cfg = TrainConfig(
+        device="cpu",
+        model=ModelConfig(
+            num_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_query_groups=2,
+            ffn_hidden_size=64,
+            max_position_embeddings=64,
+            make_vocab_size_divisible_by=16,
+        ),
+        data=DataConfig(max_length=32, pad_to_multiple=8),
+        parallel=ParallelConfig(
+            tensor_parallel=tp, pipeline_parallel=pp, overlap_grad_reduce=overlap, overlap_param_gather=overlap
+        ),
+        precision=PrecisionConfig(dtype=dtype),
+        optim=OptimConfig(lr=1e-2, warmup_ratio=0.0),
+        train=TrainerConfig(global_batch_size=4, micro_batch_size=2),
+        checkpoint=CheckpointConfig(),
+        logging=LoggingConfig(tensorboard=False, progress_bar=False),
+    )
     initialize_parallel(cfg.parallel)
     tokenizer = load_tokenizer("embedded")
     pairs, _ = build_pairs([DataSourceConfig(split="train[:8]")], tokenizer, cfg.data)
-    model = MegatronPreferenceModel.from_config(cfg, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id, total_steps=3)
-    reference_chunks = build_model_chunks(cfg.model, cfg.parallel, cfg.precision, vocab_size=len(tokenizer), device="cpu",
-                                          seed=777)  # other weights than the policy's
+    model = MegatronPreferenceModel.from_config(
+        cfg, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id, total_steps=3
+    )
+    reference_chunks = build_model_chunks(
+        cfg.model, cfg.parallel, cfg.precision, vocab_size=len(tokenizer), device="cpu", seed=777
+    )  # other weights than the policy's
     swap = CpuSwapReference.from_chunks(reference_chunks)
     model.set_reference(swap)
     dp, rank = model.layout.data_parallel, model.layout.data_rank  # the global batch's 2 micro-batches over DP
@@ -96,7 +123,10 @@ def swap_round_trip(root, tp, pp, dtype="fp32", overlap=False):
     from mmpo_megatron.model.schedule import score_microbatches
 
     scored = score_microbatches(model.chunks, policy, model.head_and_mask)
-    out = {"same": len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after)), "tensors": len(before)}
+    out = {
+        "same": len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after)),
+        "tensors": len(before),
+    }
     if model.last_stage:
         out["swap"] = (micro[0].ref_chosen, micro[0].ref_rejected)
         out["resident"] = (resident[0].ref_chosen, resident[0].ref_rejected)
@@ -125,8 +155,15 @@ def masters_after_loads(root, distributed):
     """bf16 on one rank, with or without the distributed optimizer: weights written behind the
     optimizer's back are refused at the first step; model.load_weights keeps the masters in step,
     and the step then moves each weight by at most one Adam step from the loaded value."""
-    from mmpo_megatron.config import DataConfig, DataSourceConfig, ModelConfig, OptimConfig, PrecisionConfig, \
-        TrainConfig, TrainerConfig
+    from mmpo_megatron.config import (
+        DataConfig,
+        DataSourceConfig,
+        ModelConfig,
+        OptimConfig,
+        PrecisionConfig,
+        TrainConfig,
+        TrainerConfig,
+    )
     from mmpo_megatron.data.pipeline import build_pairs
     from mmpo_megatron.data.tokenizer import load_tokenizer
     from mmpo_megatron.model import checkpoint as ckpt
@@ -136,17 +173,29 @@ def masters_after_loads(root, distributed):
     from mmpo_megatron.model.reference import CpuSwapReference
     from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
 
-    cfg = TrainConfig(device="cpu", precision=PrecisionConfig(dtype="bf16"),
-                      model=ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                                        ffn_hidden_size=64, max_position_embeddings=64, make_vocab_size_divisible_by=16),
-                      data=DataConfig(max_length=32, pad_to_multiple=8),
-                      optim=OptimConfig(lr=1e-3, warmup_ratio=0.0, decay_style="constant", distributed_optimizer=distributed),
-                      train=TrainerConfig(global_batch_size=4, micro_batch_size=2))
+    cfg = TrainConfig(
+        device="cpu",
+        precision=PrecisionConfig(dtype="bf16"),
+        model=ModelConfig(
+            num_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_query_groups=2,
+            ffn_hidden_size=64,
+            max_position_embeddings=64,
+            make_vocab_size_divisible_by=16,
+        ),
+        data=DataConfig(max_length=32, pad_to_multiple=8),
+        optim=OptimConfig(lr=1e-3, warmup_ratio=0.0, decay_style="constant", distributed_optimizer=distributed),
+        train=TrainerConfig(global_batch_size=4, micro_batch_size=2),
+    )
     initialize_parallel(cfg.parallel)
     try:
         tokenizer = load_tokenizer("embedded")
         pairs, _ = build_pairs([DataSourceConfig(split="train[:4]")], tokenizer, cfg.data)
-        other = build_model_chunks(cfg.model, cfg.parallel, cfg.precision, vocab_size=len(tokenizer), device="cpu", seed=5)
+        other = build_model_chunks(
+            cfg.model, cfg.parallel, cfg.precision, vocab_size=len(tokenizer), device="cpu", seed=5
+        )
         saved = ckpt.save_checkpoint(Path(root) / f"other_{distributed}", 0, other, None, {}, keep_last=1)
         model = MegatronPreferenceModel.from_config(cfg, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id,
                                                     total_steps=2)

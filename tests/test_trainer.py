@@ -157,8 +157,8 @@ def uneven_scoring_run(root, name, tp=1, pp=1, vpp=None):
 def init_and_base(root):
     """Initial weights at TP=PP=1 (the common start of every layout), then the baseline runs."""
     from mmpo_megatron.model.builder import build_model_chunks
-    from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
     from mmpo_megatron.model.checkpoint import save_checkpoint
+    from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
 
     cfg = make_config(Path(root) / "unused")
     initialize_parallel(device="cpu")
@@ -202,8 +202,8 @@ def layout_runs(root, world):
 def final_weights(root, names):
     """Every run's final checkpoint loaded at TP=PP=1 (resharding), as plain tensors."""
     from mmpo_megatron.model.builder import build_model_chunks
-    from mmpo_megatron.parallel import initialize_parallel
     from mmpo_megatron.model.checkpoint import load_weights
+    from mmpo_megatron.parallel import initialize_parallel
 
     cfg = make_config(Path(root) / "unused")
     initialize_parallel(device="cpu")
@@ -231,8 +231,9 @@ def test_two_steps_match_single_process_at_every_layout(tmp_path):
     base = run_on_ranks(init_and_base, 1, str(tmp_path))[0]
     runs = run_on_ranks(layout_runs, 2, str(tmp_path), 2)[0]  # rank 0 holds the records
     runs.update({k: v for k, v in run_on_ranks(layout_runs, 4, str(tmp_path), 4)[0].items()})
-    names = (["init", "base_bf16_lr"] + [f"base_{l}" for l in ("mmpo", "dpo")]
-             + [f"{n}_{l}" for n in LAYOUTS for l in layout_losses(n)] + [f"{n}_bf16" for n in BF16_LAYOUTS])
+    names = ["init", "base_bf16_lr"] + [f"base_{loss}" for loss in ("mmpo", "dpo")]
+    names += [f"{n}_{loss}" for n in LAYOUTS for loss in layout_losses(n)]
+    names += [f"{n}_bf16" for n in BF16_LAYOUTS]
     weights = run_on_ranks(final_weights, 1, str(tmp_path), names)[0]
     # bf16: every layout tracks the fp32 single-process run (a stale fp32 master, or a layout's
     # bf16 path gone wrong, moves a weight by far more than the update itself).
@@ -248,7 +249,10 @@ def test_two_steps_match_single_process_at_every_layout(tmp_path):
         for param, value in weights["base_bf16_lr"].items():
             start = weights["init"][param]
             fp32_update, bf16_update = value - start, weights[f"{name}_bf16"][param] - start
-            error, bound = (bf16_update - fp32_update).norm(), BF16_UPDATE_REL * fp32_update.norm() + bf16_spacing(start).norm()
+            error, bound = (
+                (bf16_update - fp32_update).norm(),
+                BF16_UPDATE_REL * fp32_update.norm() + bf16_spacing(start).norm(),
+            )
             assert error <= bound, f"{name} bf16 {param}: update off by {error:.3g}, bound {bound:.3g}"
     for loss in ("mmpo", "dpo"):
         ref = [r for r in base[loss] if r["split"] == "train"]
@@ -262,8 +266,13 @@ def test_two_steps_match_single_process_at_every_layout(tmp_path):
             for param, value in weights[f"base_{loss}"].items():
                 # Compared as the change from the start: the update itself, not the weight it is added to.
                 start = weights["init"][param]
-                torch.testing.assert_close(weights[f"{name}_{loss}"][param] - start, value - start, rtol=1e-4, atol=1e-7,
-                                           msg=lambda m: f"{name} {loss} {param}: {m}")
+                torch.testing.assert_close(
+                    weights[f"{name}_{loss}"][param] - start,
+                    value - start,
+                    rtol=1e-4,
+                    atol=1e-7,
+                    msg=lambda m: f"{name} {loss} {param}: {m}",
+                )
     for name in LOSS_VARIANTS:
         ref = [r for r in base["variants"][name] if r["split"] == "train"]
         got = [r for r in runs["variants"][name] if r["split"] == "train"]
@@ -274,7 +283,9 @@ def test_two_steps_match_single_process_at_every_layout(tmp_path):
     assert [(r["step"], r["split"]) for r in base["uneven"]] == [(0, "eval"), (1, "train"), (1, "eval")]
     for name in UNEVEN_SCORING:
         for a, b in zip(runs["uneven"][name], base["uneven"], strict=True):
-            keys = COMPARED if a["split"] == "train" else ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected")
+            keys = (
+                COMPARED if a["split"] == "train" else ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected")
+            )
             for key in keys:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (name, a["split"], a["step"], key)
     # Plain 1F1B pipelines pad each micro-batch only to its own rows, as no pipeline does (megatron's
@@ -289,7 +300,10 @@ def test_two_steps_match_single_process_at_every_layout(tmp_path):
     first_losses = {name: base["variants"][name][0]["loss"] for name in LOSS_VARIANTS}
     assert len({round(v, 6) for v in first_losses.values()}) == len(LOSS_VARIANTS), first_losses
     # The updates are gradient-sized and distinct, so equal updates above are not vacuous.
-    update = weights["base_mmpo"]["decoder.layers.0.mlp.linear_fc1.weight"] - weights["init"]["decoder.layers.0.mlp.linear_fc1.weight"]
+    update = (
+        weights["base_mmpo"]["decoder.layers.0.mlp.linear_fc1.weight"]
+        - weights["init"]["decoder.layers.0.mlp.linear_fc1.weight"]
+    )
     assert update.abs().max() > 1e-4 and update.abs().unique().numel() > update.numel() // 2
     assert not torch.equal(weights["base_mmpo"]["decoder.layers.0.mlp.linear_fc1.weight"],
                            weights["base_dpo"]["decoder.layers.0.mlp.linear_fc1.weight"])
@@ -356,7 +370,9 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     for name, start in loaded.items():
         # A fresh Adam's first update is at most lr per weight; bf16 rounds the result by half a
         # spacing where it lands.
-        excess = (after[name] - start).abs() - step_4["lr"] - bf16_spacing(torch.maximum(start.abs(), after[name].abs())) / 2
+        excess = (
+            (after[name] - start).abs() - step_4["lr"] - bf16_spacing(torch.maximum(start.abs(), after[name].abs())) / 2
+        )
         moved = max(moved, float((after[name] - start).abs().max()))
         assert float(excess.max()) <= 0, (name, float(excess.max()))
     assert moved > 0.5 * step_4["lr"]  # the step did move weights
@@ -390,9 +406,22 @@ def reference_modes_and_scores(root):
     for tp, pp in ((2, 1), (1, 2)):
         for mode in REFERENCE_MODES:
             name = mode if (tp, pp) == (2, 1) else f"{mode}_pp2"
-            out[name] = train_records(make_config(root / name, tp=tp, pp=pp, steps=2, reference=ReferenceConfig(mode=mode),
-                                                  train=TrainerConfig(global_batch_size=8, micro_batch_size=2, max_steps=2,
-                                                                      eval_interval=2, output_dir=str(root / name))))
+            out[name] = train_records(
+                make_config(
+                    root / name,
+                    tp=tp,
+                    pp=pp,
+                    steps=2,
+                    reference=ReferenceConfig(mode=mode),
+                    train=TrainerConfig(
+                        global_batch_size=8,
+                        micro_batch_size=2,
+                        max_steps=2,
+                        eval_interval=2,
+                        output_dir=str(root / name),
+                    ),
+                )
+            )
     # A reference that differs from the policy: one step at another learning rate.
     train_records(make_config(root / "other_ref", tp=2, steps=1, optim=OptimConfig(lr=3e-2, warmup_ratio=0.0)))
     # Runs started from those weights (checkpoint.load_weights), then resumed at step 1 without the
@@ -402,10 +431,16 @@ def reference_modes_and_scores(root):
 
     for mode in ("precompute", "cpu_swap"):
         def config(name):
-            return make_config(root / name, tp=2, steps=2, reference=ReferenceConfig(mode=mode),
-                               checkpoint=CheckpointConfig(load_weights=str(root / "other_ref"), save_interval=1, keep_last=3),
-                               train=TrainerConfig(global_batch_size=8, micro_batch_size=2, max_steps=2, eval_interval=2,
-                                                   output_dir=str(root / name)))
+            return make_config(
+                root / name,
+                tp=2,
+                steps=2,
+                reference=ReferenceConfig(mode=mode),
+                checkpoint=CheckpointConfig(load_weights=str(root / "other_ref"), save_interval=1, keep_last=3),
+                train=TrainerConfig(
+                    global_batch_size=8, micro_batch_size=2, max_steps=2, eval_interval=2, output_dir=str(root / name)
+                ),
+            )
 
         out[f"{mode}_loaded"] = train_records(config(f"{mode}_loaded"))
         seed_run_folder(root / f"{mode}_loaded", root / f"{mode}_resumed", 1, reference_cache=False)
@@ -459,7 +494,12 @@ def test_reference_modes_agree_and_tp2_checkpoint_scores_equally_at_tp1(tmp_path
                 for a, b in zip(base, other):
                     for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen",
                                 "implicit_rewards/chosen", "implicit_rewards/rejected"):
-                        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (mode + suffix, split, a["step"], key)
+                        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (
+                            mode + suffix,
+                            split,
+                            a["step"],
+                            key,
+                        )
     for mode in ("precompute", "cpu_swap"):
         loaded = {(r["step"], r["split"]): r for r in runs[f"{mode}_loaded"]}
         resumed = [r for r in runs[f"{mode}_resumed"]]
@@ -468,7 +508,11 @@ def test_reference_modes_agree_and_tp2_checkpoint_scores_equally_at_tp1(tmp_path
             # The reference is the starting weights, not the resumed policy: implicit rewards stay non-zero.
             assert abs(r["implicit_rewards/chosen"]) > 1e-4, (mode, r["split"])
             for key in ("loss", "implicit_rewards/chosen", "implicit_rewards/rejected", "rewards/margins"):
-                assert r[key] == pytest.approx(loaded[(r["step"], r["split"])][key], rel=1e-6, abs=1e-7), (mode, r["split"], key)
+                assert r[key] == pytest.approx(loaded[(r["step"], r["split"])][key], rel=1e-6, abs=1e-7), (
+                    mode,
+                    r["split"],
+                    key,
+                )
     summary = run_on_ranks(score_tp1, 1, str(tmp_path))[0]
     tp2 = [json.loads(line) for line in (tmp_path / "scores_tp2.jsonl").read_text().splitlines()]
     tp1 = [json.loads(line) for line in (tmp_path / "scores_tp1.jsonl").read_text().splitlines()]
@@ -501,7 +545,9 @@ def training_state(model):
         for group in torch_opt.param_groups:
             for param in group["params"]:
                 optimizer.append(param.detach().clone())
-                optimizer.extend(v.clone() for _, v in sorted(torch_opt.state.get(param, {}).items()) if torch.is_tensor(v))
+                optimizer.extend(
+                    v.clone() for _, v in sorted(torch_opt.state.get(param, {}).items()) if torch.is_tensor(v)
+                )
     return {"params": params, "optimizer": optimizer}
 
 
@@ -531,9 +577,19 @@ def nonfinite_runs(root, bad_steps, poisoned_dp_rank=None, steps=3):
         original_log(self, logger, at_step, split, metrics)
 
     objective.preference_loss, trainer.Trainer.log = poisoned, log_and_snapshot
-    cfg = make_config(Path(root), steps=steps, optim=OptimConfig(lr=1e-2, warmup_ratio=0.34, decay_style="cosine", adam_eps=1e-4),
-                      train=TrainerConfig(global_batch_size=8, micro_batch_size=2, max_steps=steps, eval_interval=0,
-                                          output_dir=str(root), max_nonfinite_steps=2))
+    cfg = make_config(
+        Path(root),
+        steps=steps,
+        optim=OptimConfig(lr=1e-2, warmup_ratio=0.34, decay_style="cosine", adam_eps=1e-4),
+        train=TrainerConfig(
+            global_batch_size=8,
+            micro_batch_size=2,
+            max_steps=steps,
+            eval_interval=0,
+            output_dir=str(root),
+            max_nonfinite_steps=2,
+        ),
+    )
     try:
         return {"records": train_records(cfg), "snapshots": snapshots}
     except trainer.NonFiniteAbort as exc:
@@ -583,16 +639,23 @@ def test_config_errors_name_the_field_before_heavy_work():
     cfg = make_config("unused", tp=3)
     with pytest.raises(ConfigError, match="parallel.tensor_parallel: 3 must divide model.num_attention_heads=4"):
         cfg.validate_for_world(3)
-    with pytest.raises(ConfigError, match="train.global_batch_size: 8 is not divisible by micro_batch_size x data_parallel = 2 x 3"):
+    with pytest.raises(
+        ConfigError, match="train.global_batch_size: 8 is not divisible by micro_batch_size x data_parallel = 2 x 3"
+    ):
         make_config("unused").validate_for_world(3)
-    with pytest.raises(ConfigError, match="pipeline_parallel x virtual_pipeline = 2 x 4 must divide model.num_layers=4"):
+    with pytest.raises(
+        ConfigError, match="pipeline_parallel x virtual_pipeline = 2 x 4 must divide model.num_layers=4"
+    ):
         make_config("unused", pp=2, vpp=4).validate_for_world(2)
     with pytest.raises(ConfigError, match="world size 3 is not divisible"):
         make_config("unused", tp=2).validate_for_world(3)
     cfg = make_config("unused", pp=2, vpp=2)
     cfg.train.global_batch_size = 6
-    with pytest.raises(ConfigError, match=r"train.global_batch_size: gives 3 micro-batches per step .* an interleaved "
-                                          r"pipeline \(parallel.virtual_pipeline\) needs a multiple of pipeline_parallel=2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.global_batch_size: gives 3 micro-batches per step .* an interleaved "
+        r"pipeline \(parallel.virtual_pipeline\) needs a multiple of pipeline_parallel=2",
+    ):
         cfg.validate_for_world(2)
     sys.path.insert(0, str(REPO / "examples"))
     from omegaconf import OmegaConf
@@ -603,7 +666,9 @@ def test_config_errors_name_the_field_before_heavy_work():
     with pytest.raises(ConfigError, match="loss.beta"):
         resolve_config(OmegaConf.create({"loss": {"beta": -1.0}}))
     fp8 = {"precision": {"fp8": "hybrid"}, "model": {"layer_spec": "transformer_engine"}}
-    with pytest.raises(ConfigError, match="data.pad_to_multiple: must be a multiple of 16 with precision.fp8=hybrid, got 8"):
+    with pytest.raises(
+        ConfigError, match="data.pad_to_multiple: must be a multiple of 16 with precision.fp8=hybrid, got 8"
+    ):
         resolve_config(OmegaConf.create({**fp8, "data": {"pad_to_multiple": 8}}))
     with pytest.raises(ConfigError, match="model.layer_spec: precision.fp8 needs transformer_engine, got 'local_sdpa'"):
         resolve_config(OmegaConf.create({**fp8, "model": {"layer_spec": "local_sdpa"}}))
@@ -614,8 +679,12 @@ def test_config_errors_name_the_field_before_heavy_work():
                                          "optim": {"distributed_optimizer": False}}))
     with pytest.raises(ConfigError, match="model.recompute: must be one of"):
         resolve_config(OmegaConf.create({"model": {"recompute": "some"}}))
-    with pytest.raises(ConfigError, match="model.recompute_num_layers: 3 is more than the 2 layers of a pipeline stage"):
-        validate_layout(ModelConfig(num_layers=4, recompute="full", recompute_num_layers=3), ParallelConfig(pipeline_parallel=2))
+    with pytest.raises(
+        ConfigError, match="model.recompute_num_layers: 3 is more than the 2 layers of a pipeline stage"
+    ):
+        validate_layout(
+            ModelConfig(num_layers=4, recompute="full", recompute_num_layers=3), ParallelConfig(pipeline_parallel=2)
+        )
     assert ParallelConfig(tensor_parallel=2).uses_sequence_parallel and not ParallelConfig().uses_sequence_parallel
     assert not ParallelConfig(tensor_parallel=2, sequence_parallel=False).uses_sequence_parallel
     with pytest.raises(ConfigError, match="train.max_wall_minutes: must be > 0, got 0"):
@@ -625,8 +694,11 @@ def test_config_errors_name_the_field_before_heavy_work():
     packed = make_config("unused")
     packed.data = dataclasses.replace(packed.data, packing=True)
     packed.eval = dataclasses.replace(packed.eval, lm_data="corpus.txt", lm_max_length=63)
-    with pytest.raises(ConfigError, match="eval.lm_max_length: a document of 63 tokens is scored in a packed row of 65, "
-                                          "longer than the packed row length 64"):
+    with pytest.raises(
+        ConfigError,
+        match="eval.lm_max_length: a document of 63 tokens is scored in a packed row of 65, "
+        "longer than the packed row length 64",
+    ):
         check_lm_documents_fit(packed, "cpu")
     packed.eval.lm_max_length = 62
     check_lm_documents_fit(packed, "cpu")
@@ -767,9 +839,10 @@ def test_gpu_smoke_125m(tmp_path):
         runs[(packing, recompute)] = train
     for recompute in ("selective", "full"):  # recompute changes what is kept, not what is computed
         for key in ("loss", "grad_norm"):
-            assert runs[(True, recompute)][0][key] == pytest.approx(runs[(True, "none")][0][key], rel=BF16_REL), (recompute, key)
-
-
+            assert runs[(True, recompute)][0][key] == pytest.approx(runs[(True, "none")][0][key], rel=BF16_REL), (
+                recompute,
+                key,
+            )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
@@ -826,8 +899,8 @@ def test_gpu_transformer_engine_packs_as_thd(tmp_path):
 
 def optimizer_groups(root):
     from mmpo_megatron.model.builder import build_model_chunks
-    from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
     from mmpo_megatron.model.optimizer import wrap_for_training
+    from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
 
     cfg = make_config(Path(root))
     initialize_parallel(device="cpu")
@@ -844,7 +917,9 @@ def test_torch_adam_fallback_runs_fused(tmp_path):
     """Without TE or Apex, megatron steps torch's Adam: every group is switched to the fused kernel
     (the layout and exact-resume tests above run through it)."""
     groups = run_on_ranks(optimizer_groups, 1, str(tmp_path))[0]
-    assert groups and all(name in ("Adam", "AdamW") and fused and not foreach for name, fused, foreach in groups), groups
+    assert groups and all(name in ("Adam", "AdamW") and fused and not foreach for name, fused, foreach in groups), (
+        groups
+    )
 
 
 # ------------------------------------------------------------------------------------------ fused output layer
@@ -959,5 +1034,7 @@ def test_packed_training_equals_padded_training(tmp_path, world, tp, pp, spec, c
     assert [r["split"] for r in packed] == ["eval", "train", "train", "eval"]
     assert packed[1]["padding_fraction"] < padded[1]["padding_fraction"]
     for a, b in zip(padded, packed):
-        for key in ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected") + (("grad_norm",) if a["split"] == "train" else ()):
+        for key in ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected") + (
+            ("grad_norm",) if a["split"] == "train" else ()
+        ):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (a["split"], a["step"], key)

@@ -120,10 +120,22 @@ def main(argv=None) -> int:
                           device, args.warmup, args.repeats)
 
     results = [
-        {"layout": "packed (flex_attention)", "rows": int(packed.segment_ids.shape[0]), "length": int(packed.segment_ids.shape[1]),
-         "ms": packed_ms, "block_mask_ms": mask_ms, "padding_fraction": 1 - real / packed.segment_ids.numel()},
-        {"layout": "padded (SDPA causal)", "rows": len(sequences), "length": longest, "ms": padded_ms,
-         "block_mask_ms": None, "padding_fraction": 1 - real / (len(sequences) * longest)},
+        {
+            "layout": "packed (flex_attention)",
+            "rows": int(packed.segment_ids.shape[0]),
+            "length": int(packed.segment_ids.shape[1]),
+            "ms": packed_ms,
+            "block_mask_ms": mask_ms,
+            "padding_fraction": 1 - real / packed.segment_ids.numel(),
+        },
+        {
+            "layout": "padded (SDPA causal)",
+            "rows": len(sequences),
+            "length": longest,
+            "ms": padded_ms,
+            "block_mask_ms": None,
+            "padding_fraction": 1 - real / (len(sequences) * longest),
+        },
     ]
     for r in results:
         r.update(real_tokens=real, real_tokens_per_ms=real / r["ms"], backward=backward)

@@ -136,10 +136,18 @@ def training_model(model_cfg, pairs_per_step: int, device, *, total_steps: int, 
     optim = OptimConfig(lr=1e-6, clip_grad=1.0, warmup_ratio=0.0, decay_style="constant")
     ddp, optimizer = wrap_for_training(chunks, optim, parallel, resolve_dtype(precision, device.type))
     params = sum(p.numel() for p in unwrap(chunks[0]).parameters())
-    model = MegatronPreferenceModel(ddp, objective_for(LossConfig()), vocab_size=vocab, pad_id=0,
-                                    head_and_mask=HeadAndMask.of(model_cfg), pad_to_multiple=16, pack_length=pack_length,
-                                    micro_batch_size=pairs_per_step, optimizer=optimizer,
-                                    scheduler=lr_schedule(optimizer, optim, total_steps))
+    model = MegatronPreferenceModel(
+        ddp,
+        objective_for(LossConfig()),
+        vocab_size=vocab,
+        pad_id=0,
+        head_and_mask=HeadAndMask.of(model_cfg),
+        pad_to_multiple=16,
+        pack_length=pack_length,
+        micro_batch_size=pairs_per_step,
+        optimizer=optimizer,
+        scheduler=lr_schedule(optimizer, optim, total_steps),
+    )
     model.set_reference(RandomReference())
     return model, params
 
@@ -176,16 +184,26 @@ def run_config(model_cfg, pairs_per_step: int, lengths, args, layout, ceiling) -
         if step >= args.warmup:
             step_times.append(time.perf_counter() - start)
             real_tokens += micro[0].batch.real_tokens()
-            padded_tokens += (micro[0].packed.input_ids if micro[0].packed is not None else micro[0].batch.input_ids).numel()
+            padded_tokens += (
+                micro[0].packed.input_ids if micro[0].packed is not None else micro[0].batch.input_ids
+            ).numel()
     total = sum(step_times)
     achieved = 6 * params * real_tokens / total / 1e12
     return {
-        "model": model_cfg.name, "layer_spec": model_cfg.layer_spec, "fused_logprob_chunk": model_cfg.fused_logprob_chunk,
-        "pairs": pairs_per_step, "lengths": "realistic" if lengths is None else f"{lengths[0]}+{lengths[1]}",
-        "packing": bool(args.packing), "pack_length": pack_length,
-        "params_m": params / 1e6, "s_per_step": statistics.median(step_times), "real_tokens_per_s": real_tokens / total,
-        "padded_tokens_per_s": padded_tokens / total, "padding_fraction": 1 - real_tokens / padded_tokens,
-        "model_tflops": achieved, "mfu_vs_measured": achieved / ceiling if ceiling else None,
+        "model": model_cfg.name,
+        "layer_spec": model_cfg.layer_spec,
+        "fused_logprob_chunk": model_cfg.fused_logprob_chunk,
+        "pairs": pairs_per_step,
+        "lengths": "realistic" if lengths is None else f"{lengths[0]}+{lengths[1]}",
+        "packing": bool(args.packing),
+        "pack_length": pack_length,
+        "params_m": params / 1e6,
+        "s_per_step": statistics.median(step_times),
+        "real_tokens_per_s": real_tokens / total,
+        "padded_tokens_per_s": padded_tokens / total,
+        "padding_fraction": 1 - real_tokens / padded_tokens,
+        "model_tflops": achieved,
+        "mfu_vs_measured": achieved / ceiling if ceiling else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
 
@@ -271,10 +289,19 @@ def run_trl(model_cfg, pairs_per_step: int, lengths, args, device, ceiling, refe
     params = sum(p.numel() for p in model.parameters())
     achieved = 6 * params * real_per_step * len(timed) / sum(timed) / 1e12
     return {
-        "model": model_cfg.name, "layer_spec": f"trl-{reference[:7]}", "fused_logprob_chunk": None, "pairs": pairs_per_step,
-        "lengths": "realistic" if lengths is None else f"{lengths[0]}+{lengths[1]}", "packing": False, "pack_length": None,
-        "params_m": params / 1e6, "s_per_step": statistics.median(timed), "real_tokens_per_s": real_per_step * len(timed) / sum(timed),
-        "padded_tokens_per_s": None, "padding_fraction": None, "model_tflops": achieved,
+        "model": model_cfg.name,
+        "layer_spec": f"trl-{reference[:7]}",
+        "fused_logprob_chunk": None,
+        "pairs": pairs_per_step,
+        "lengths": "realistic" if lengths is None else f"{lengths[0]}+{lengths[1]}",
+        "packing": False,
+        "pack_length": None,
+        "params_m": params / 1e6,
+        "s_per_step": statistics.median(timed),
+        "real_tokens_per_s": real_per_step * len(timed) / sum(timed),
+        "padded_tokens_per_s": None,
+        "padding_fraction": None,
+        "model_tflops": achieved,
         "mfu_vs_measured": achieved / ceiling if ceiling else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
@@ -308,7 +335,9 @@ def main(argv=None) -> int:
     layout = initialize_parallel(device=args.device)
     try:
         ceiling = matmul_ceiling_tflops(layout.device)
-        lengths = [None] if args.realistic else [tuple(int(x) for x in item.split("+")) for item in args.lengths.split(",")]
+        lengths = (
+            [None] if args.realistic else [tuple(int(x) for x in item.split("+")) for item in args.lengths.split(",")]
+        )
         results = []
         for p in args.pairs.split(","):
             for length in lengths:
@@ -320,7 +349,10 @@ def main(argv=None) -> int:
                     results.append(trl)
     finally:
         destroy_parallel(destroy_process_group=True)
-    header = f"{'model':<18}{'spec':<12}{'pairs':>6}{'lengths':>10}{'packed':>8}{'s/step':>9}{'real tok/s':>12}{'pad %':>7}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>9}"
+    header = (
+        f"{'model':<18}{'spec':<12}{'pairs':>6}{'lengths':>10}{'packed':>8}{'s/step':>9}{'real tok/s':>12}"
+        f"{'pad %':>7}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>9}"
+    )
     print(f"device: {layout.device}; bf16 matmul ceiling: {f'{ceiling:.0f} TFLOP/s' if ceiling else 'n/a (CPU)'}")
     print(header)
     for r in results:
@@ -332,7 +364,9 @@ def main(argv=None) -> int:
               f"{r['real_tokens_per_s']:>12.0f}{pad}{r['model_tflops']:>9.2f}{mfu:>7}{mem:>9}"
               + (f"   ours / TRL = {r['ours_over_trl']:.2f}x" if "ours_over_trl" in r else ""))
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": str(layout.device), "matmul_tflops": ceiling, "results": results}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"device": str(layout.device), "matmul_tflops": ceiling, "results": results}, indent=2)
+        )
     return 0
 
 

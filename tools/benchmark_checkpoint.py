@@ -20,8 +20,9 @@ and with --steps-during-write N the median step time of N steps run while the wr
 N steps run before. --vocab and --num-layers replace the preset's: the defaults (32000, 10) keep
 Llama-3.2-1B's layer shape at 0.67B parameters, whose fp32 weights, gradients, Adam moments and
 the optimizer's state-dict copies taken by a save (24 bytes a parameter, 16 GB) fit a 24 GB CPU
-machine; on a GPU pass --vocab 0 --num-layers 0 for the whole 1.24B. On CPU the forked writer shares the trainer's memory copy-on-write, so steps during
-the write copy every page they touch: run them on a smaller shape (--model smollm2_360m) there.
+machine; on a GPU pass --vocab 0 --num-layers 0 for the whole 1.24B. On CPU the forked writer
+shares the trainer's memory copy-on-write, so steps during the write copy every page they touch:
+run them on a smaller shape (--model smollm2_360m) there.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tool_main in tests/test_deploy.py)
 
-from mmpo_megatron.config import DEVICES  # noqa: E402
-
 from benchmark import model_preset, text_pairs, tokenised, training_model  # noqa: E402  (tools/benchmark.py)
+
+from mmpo_megatron.config import DEVICES  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,7 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lengths", default="32+32", help="PROMPT+RESPONSE token lengths of the training pairs")
     p.add_argument("--steps-during-write", type=int, default=0,
                    help="steps to time before and while the background writer works (0: wait for it idle)")
-    p.add_argument("--root", default="outputs/benchmark_checkpoint", help="where the checkpoints are written (removed after)")
+    p.add_argument(
+        "--root", default="outputs/benchmark_checkpoint", help="where the checkpoints are written (removed after)"
+    )
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--seed", type=int, default=0)
@@ -82,8 +85,14 @@ def save_once(model, mode: str, root: Path, step: int, train_step) -> dict:
         complete = time.perf_counter() - started  # with steps meanwhile: seen at the step boundary after it
     else:
         complete = blocked
-    return {"mode": mode, "blocked_s": blocked, "complete_s": complete, "checkpoint_gb": folder_bytes(path) / 1e9,
-            "steps_during_write": len(step_times), "step_s_during_write": statistics.median(step_times) if step_times else None}
+    return {
+        "mode": mode,
+        "blocked_s": blocked,
+        "complete_s": complete,
+        "checkpoint_gb": folder_bytes(path) / 1e9,
+        "steps_during_write": len(step_times),
+        "step_s_during_write": statistics.median(step_times) if step_times else None,
+    }
 
 
 class TrainStep:
@@ -114,7 +123,10 @@ def print_table(rows: list[dict], params: int, step_s: float | None) -> None:
     """One line per mode."""
     print(f"\n{params / 1e9:.2f}B parameters; a step before the save: {step_s:.2f} s" if step_s else
           f"\n{params / 1e9:.2f}B parameters")
-    print(f"{'mode':6} {'checkpoint GB':>13} {'training blocked s':>18} {'complete after s':>16} {'step s during write':>19}")
+    print(
+        f"{'mode':6} {'checkpoint GB':>13} {'training blocked s':>18} {'complete after s':>16} "
+        f"{'step s during write':>19}"
+    )
     for r in rows:
         during = f"{r['step_s_during_write']:.2f} ({r['steps_during_write']})" if r["step_s_during_write"] else "-"
         print(f"{r['mode']:6} {r['checkpoint_gb']:13.2f} {r['blocked_s']:18.2f} {r['complete_s']:16.2f} {during:>19}")

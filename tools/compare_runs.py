@@ -49,8 +49,13 @@ def read_run(folder: Path) -> dict:
     if not evals:
         raise ValueError(f"{folder}: metrics.jsonl has no evaluation (set train.eval_interval)")
     last = evals[-1]
-    return {"run": folder.name, "loss": config["loss"]["name"], "beta": float(config["loss"]["beta"]), "step": last["step"],
-            **{m: last.get(m) for m in METRICS}}
+    return {
+        "run": folder.name,
+        "loss": config["loss"]["name"],
+        "beta": float(config["loss"]["beta"]),
+        "step": last["step"],
+        **{m: last.get(m) for m in METRICS},
+    }
 
 
 def table(rows: list[dict]) -> str:

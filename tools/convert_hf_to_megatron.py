@@ -7,9 +7,10 @@ SmolLM2) into a megatron dist checkpoint the trainer loads at any TP/PP.
         checkpoint.load_weights=ckpt/llama1b data.tokenizer=ckpt/llama1b/tokenizer
 
 Reads safetensors one tensor at a time (an 8B bf16 model converts in well under twice its size in
-RAM). --dtype auto (the default) keeps the dtype the HF config states. The output holds the weights, hf_config.json, trainer_state.json (the model
-config) and tokenizer/. --tp/--pp only check the model splits that way: the checkpoint reshards
-on load. Exit code 2 with a message on unsupported or broken input; no output folder is left.
+RAM). --dtype auto (the default) keeps the dtype the HF config states. The output holds the
+weights, hf_config.json, trainer_state.json (the model config) and tokenizer/. --tp/--pp only
+check the model splits that way: the checkpoint reshards on load. Exit code 2 with a message on
+unsupported or broken input; no output folder is left.
 """
 
 from __future__ import annotations

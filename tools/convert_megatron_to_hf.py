@@ -27,9 +27,12 @@ def main(argv: list[str] | None = None) -> int:
                         "warns with the log-prob change")
     p.add_argument("--model-type", choices=["llama", "mistral", "qwen2", "qwen3"],
                    help="default: the source HF config's, else inferred from the model shape")
-    p.add_argument("--adapter-only", action="store_true",
-                   help="LoRA checkpoints: write a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) "
-                        "instead of the merged model")
+    p.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="LoRA checkpoints: write a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) "
+        "instead of the merged model",
+    )
     args = p.parse_args(argv)
 
     from mmpo_megatron.convert import convert_megatron_to_hf, run_cli

@@ -3,7 +3,8 @@
 HF folder, with the paper's settings.
 
     python tools/generate.py --model outputs/llama1b_mmpo --prompts alpaca_eval.json --output outputs.json
-    python tools/generate.py --model hf/llama1b_mmpo --prompts alpaca_eval.json --output outputs.json --generator mmpo-1b
+    python tools/generate.py --model hf/llama1b_mmpo --prompts alpaca_eval.json --output outputs.json \\
+        --generator mmpo-1b
 
 ``--prompts``: a JSON list or JSONL of objects with an ``instruction`` (AlpacaEval's own file), or
 plain text, one prompt a line. Each prompt goes through the tokenizer's chat template as one user
@@ -80,7 +81,9 @@ def stop_token_ids(generation_config, tokenizer) -> list[int]:
     """Where generation stops: the generation config's end tokens (a chat model's end-of-turn) and
     the tokenizer's end-of-sequence token; a warning when the generation config names none."""
     configured = generation_config.eos_token_id
-    ids = list(configured) if isinstance(configured, (list, tuple)) else ([configured] if configured is not None else [])
+    ids = (
+        list(configured) if isinstance(configured, (list, tuple)) else ([configured] if configured is not None else [])
+    )
     if not ids:
         print("warning: the model's generation_config.json names no eos_token_id; stopping at the tokenizer's "
               f"end-of-sequence token {tokenizer.eos_token!r} only (a chat model's end-of-turn token may differ)",
@@ -104,7 +107,9 @@ def generate(args: argparse.Namespace) -> list[dict]:
         tokenizer.padding_side = "left"  # generation continues every row from its end
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32
+        )
         model = model.to(device).eval()
     generator = args.generator or Path(args.model).resolve().name
     sampling = {"do_sample": args.temperature > 0, "max_new_tokens": args.max_new_tokens,
@@ -115,8 +120,10 @@ def generate(args: argparse.Namespace) -> list[dict]:
     out = []
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="generating", unit="batch"):
         batch = prompts[start:start + args.batch_size]
-        chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-                 for p in batch]
+        chats = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            for p in batch
+        ]
         encoded = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.no_grad():
             tokens = model.generate(**encoded, pad_token_id=tokenizer.pad_token_id, **sampling)

@@ -143,7 +143,9 @@ def find_python(version: str = PYTHON_VERSION) -> str | None:
     candidates = sorted(str(p) for p in (Path.home() / ".pyenv" / "versions").glob(f"{version}.*/bin/python"))
     candidates.append(shutil.which(f"python{version}") or "")
     for candidate in filter(None, candidates):
-        done = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True)
+        done = subprocess.run(
+            [candidate, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True
+        )
         if done.returncode == 0 and done.stdout.strip() == str(tuple(int(x) for x in version.split("."))):
             return candidate
     return None

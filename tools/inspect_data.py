@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_report_error(path: str, message: str) -> None:
     """A report for a run that failed before counting."""
-    Path(path).write_text(json.dumps({"pairs_in": 0, "pairs_kept": 0, "dropped": {}, "errors": [{"fatal": message}]}, indent=2))
+    Path(path).write_text(
+        json.dumps({"pairs_in": 0, "pairs_kept": 0, "dropped": {}, "errors": [{"fatal": message}]}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -115,13 +115,19 @@ def main(argv=None) -> int:
                   f"in {results[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
     finally:
         destroy_parallel(destroy_process_group=True)
-    print(f"device: {layout.device}" + (f" ({torch.cuda.get_device_name(layout.device)})" if layout.device.type == "cuda" else "")
-          + f"; output head hidden {args.hidden} x vocab {args.vocab}, {args.dtype}, TP=1")
+    print(
+        f"device: {layout.device}"
+        + (f" ({torch.cuda.get_device_name(layout.device)})" if layout.device.type == "cuda" else "")
+        + f"; output head hidden {args.hidden} x vocab {args.vocab}, {args.dtype}, TP=1"
+    )
     print(f"{'tokens':>7}  {'variant':<12}{'peak GiB':>9}{'vs full':>9}{'seconds':>9}{'sum log p':>16}")
     for r in results:
         full = next((f for f in results if f["tokens"] == r["tokens"] and f["variant"] == "full"), None)
         ratio = f"{r['peak_gib'] / full['peak_gib']:.2f}x" if full else "n/a"
-        print(f"{r['tokens']:>7}  {r['variant']:<12}{r['peak_gib']:>9.2f}{ratio:>9}{r['seconds']:>9.2f}{r['logp_sum']:>16.1f}")
+        print(
+            f"{r['tokens']:>7}  {r['variant']:<12}{r['peak_gib']:>9.2f}{ratio:>9}{r['seconds']:>9.2f}"
+            f"{r['logp_sum']:>16.1f}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"device": str(layout.device), "results": results}, indent=2))
     return 0

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mmpo_megatron.config import LORA_PROJECTIONS, REFERENCE_MODES, lora_projections  # noqa: E402
-from mmpo_megatron.model.memory_plan import GIB, Layout, Workload, estimate, gib, plan  # noqa: E402
+from mmpo_megatron.model.memory_plan import Layout, Workload, estimate, gib, plan  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,7 +88,9 @@ def table(model, args) -> list[dict]:
 def print_table(rows: list[dict], title: str) -> None:
     """Markdown table of planner rows."""
     print(title)
-    print("| TP x PP x DP | recompute | fits | per GPU | weights | grads | optimizer | activations | head | reference |")
+    print(
+        "| TP x PP x DP | recompute | fits | per GPU | weights | grads | optimizer | activations | head | reference |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['layout']} | {r['recompute']} | {'yes' if r['fits'] else 'no'} | {r['total_gib']:.1f} GiB | "
@@ -143,8 +145,17 @@ def measure(layout: Layout, layer_spec: str, model_fields: dict, work: Workload,
     tensors alive before it (weights, gradient buffers, optimizer state) plus its peak above them."""
     import torch
 
-    from mmpo_megatron.config import (DataConfig, LoraConfig, ModelConfig, OptimConfig, ParallelConfig,
-                                      PrecisionConfig, ReferenceConfig, TrainConfig, TrainerConfig)
+    from mmpo_megatron.config import (
+        DataConfig,
+        LoraConfig,
+        ModelConfig,
+        OptimConfig,
+        ParallelConfig,
+        PrecisionConfig,
+        ReferenceConfig,
+        TrainConfig,
+        TrainerConfig,
+    )
     from mmpo_megatron.memory import track_peak_memory
     from mmpo_megatron.model.preference_model import MegatronPreferenceModel
     from mmpo_megatron.model.reference import ReferenceSource
@@ -227,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         print("| layout (TP x PP x DP) | recompute | layer spec | predicted | measured | error |")
         print("|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['layout']} | {r['recompute']} | {r['layer_spec']} | {gib(r['predicted'])} | {gib(r['measured'])} "
-                  f"| {r['error']:+.1%} |")
+            print(
+                f"| {r['layout']} | {r['recompute']} | {r['layer_spec']} | {gib(r['predicted'])} "
+                f"| {gib(r['measured'])} | {r['error']:+.1%} |"
+            )
         worst = max(abs(r["error"]) for r in rows)
         print(f"largest error: {worst:.1%}")
     else:

@@ -57,11 +57,11 @@ def score_pairs(args: argparse.Namespace) -> dict | None:
     from mmpo_megatron.data.pipeline import build_pairs, held_out_split
     from mmpo_megatron.data.tokenizer import load_tokenizer
     from mmpo_megatron.model.builder import build_model_chunks
-    from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
     from mmpo_megatron.model.checkpoint import TRAINER_STATE, load_weights, resolve_checkpoint, saved_model_config
     from mmpo_megatron.model.objective import objective_for
     from mmpo_megatron.model.preference_model import MegatronPreferenceModel
     from mmpo_megatron.model.schedule import HeadAndMask
+    from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
 
     policy_path = resolve_checkpoint(args.checkpoint)
     state = json.loads((policy_path / TRAINER_STATE).read_text())
@@ -88,16 +88,28 @@ def score_pairs(args: argparse.Namespace) -> dict | None:
         precision = PrecisionConfig(**train_cfg.get("precision", {}))
 
         def scores_of(path):
-            chunks = build_model_chunks(model, parallel, precision, vocab_size=state["vocab_size"], device=layout.device.type)
+            chunks = build_model_chunks(
+                model, parallel, precision, vocab_size=state["vocab_size"], device=layout.device.type
+            )
             load_weights(path, chunks)
-            scorer = MegatronPreferenceModel(chunks, objective_for(LossConfig()), vocab_size=state["vocab_size"],
-                                             pad_id=tokenizer.pad_token_id, head_and_mask=HeadAndMask.of(model),
-                                             pad_to_multiple=data.pad_to_multiple, micro_batch_size=args.micro_batch_size)
+            scorer = MegatronPreferenceModel(
+                chunks,
+                objective_for(LossConfig()),
+                vocab_size=state["vocab_size"],
+                pad_id=tokenizer.pad_token_id,
+                head_and_mask=HeadAndMask.of(model),
+                pad_to_multiple=data.pad_to_multiple,
+                micro_batch_size=args.micro_batch_size,
+            )
             return scorer.score(pairs)
 
         policy = scores_of(policy_path)
         reference = scores_of(resolve_checkpoint(args.reference)) if args.reference else None
-        writer = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
+        writer = (
+            ps.is_pipeline_last_stage(ignore_virtual=True)
+            and ps.get_data_parallel_rank() == 0
+            and ps.get_tensor_model_parallel_rank() == 0
+        )
         summary = None
         if writer:
             out = Path(args.output)
@@ -134,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     from mmpo_megatron.config import ConfigError
     from mmpo_megatron.data.formats import DataError
     from mmpo_megatron.model.checkpoint import DamagedCheckpointError
-
     from mmpo_megatron.parallel import destroy_parallel
 
     try:

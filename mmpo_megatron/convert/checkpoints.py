@@ -67,7 +67,9 @@ def _tensor_reader(folder: Path) -> Callable[[str], torch.Tensor]:
             try:
                 handles[file] = safe_open(str(folder / file), framework="pt")
             except Exception as exc:
-                raise ConversionError(f"{folder / file}: cannot read safetensors (truncated or corrupt?): {exc}") from exc
+                raise ConversionError(
+                    f"{folder / file}: cannot read safetensors (truncated or corrupt?): {exc}"
+                ) from exc
         return handles[file]
 
     def get(name: str) -> torch.Tensor:
@@ -80,16 +82,18 @@ def _tensor_reader(folder: Path) -> Callable[[str], torch.Tensor]:
         try:
             return h.get_tensor(name)
         except Exception as exc:
-            raise ConversionError(f"{folder / file}: cannot read tensor {name!r} (truncated or corrupt?): {exc}") from exc
+            raise ConversionError(
+                f"{folder / file}: cannot read tensor {name!r} (truncated or corrupt?): {exc}"
+            ) from exc
 
     return get
 
 
 def _single_process_chunks(model: ModelConfig, dtype: str, vocab_size: int):
+    from megatron.core import parallel_state as ps
+
     from mmpo_megatron.model.builder import build_model_chunks
     from mmpo_megatron.parallel import initialize_parallel
-
-    from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
         initialize_parallel(ParallelConfig(device="cpu"))
@@ -167,7 +171,9 @@ def convert_hf_to_megatron(
     model = model_config_from_hf(hf, layer_spec=layer_spec)
     source_dtype = hf_weight_dtype(hf)
     dtype = source_dtype if dtype == "auto" else dtype
-    print(f"weights: {dtype} (the HF config states {hf.get('torch_dtype') or hf.get('dtype') or 'no dtype'})", flush=True)
+    print(
+        f"weights: {dtype} (the HF config states {hf.get('torch_dtype') or hf.get('dtype') or 'no dtype'})", flush=True
+    )
     # The checkpoint itself is layout-free; --tp/--pp only check that the model splits that way.
     validate_layout(model, ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
     padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
@@ -182,7 +188,9 @@ def convert_hf_to_megatron(
             if name not in params:
                 raise ConversionError(f"megatron model has no parameter {name!r} (layer spec {layer_spec})")
             if tuple(params[name].shape) != tuple(tensor.shape):
-                raise ConversionError(f"{name}: HF gives shape {tuple(tensor.shape)}, megatron expects {tuple(params[name].shape)}")
+                raise ConversionError(
+                    f"{name}: HF gives shape {tuple(tensor.shape)}, megatron expects {tuple(params[name].shape)}"
+                )
             params[name].copy_(tensor)
             assigned.add(name)
             bar.update(1)
@@ -208,8 +216,15 @@ def convert_hf_to_megatron(
     return output
 
 
-def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype: str = "auto",
-                           model_type: str | None = None, shard_bytes: int = 5 * 2**30, adapter_only: bool = False) -> Path:
+def convert_megatron_to_hf(
+    checkpoint: str | Path,
+    output: str | Path,
+    *,
+    dtype: str = "auto",
+    model_type: str | None = None,
+    shard_bytes: int = 5 * 2**30,
+    adapter_only: bool = False,
+) -> Path:
     """Write safetensors shards, config.json and the tokenizer from a (trainer or converted) checkpoint.
 
     ``dtype="auto"`` keeps the dtype the trained parameters were saved in; forcing bf16 onto fp32
@@ -220,8 +235,13 @@ def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype:
     from safetensors.torch import save_file
 
     from mmpo_megatron.model.builder import unwrap
-    from mmpo_megatron.model.checkpoint import (LORA_BASE, TRAINER_STATE, load_weights, resolve_checkpoint,
-                                                saved_model_config)
+    from mmpo_megatron.model.checkpoint import (
+        LORA_BASE,
+        TRAINER_STATE,
+        load_weights,
+        resolve_checkpoint,
+        saved_model_config,
+    )
     from mmpo_megatron.model.lora import adapter_tensors, merge_adapters, write_peft_adapter
 
     path = resolve_checkpoint(checkpoint)
@@ -233,7 +253,11 @@ def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype:
         raise ConversionError(f"--adapter-only: {path} was not trained with LoRA (model.lora.rank is 0)")
     weights_dir = resolve_checkpoint(base) if base else path  # where the base weights (and their metadata) are
     source_hf = json.loads((weights_dir / HF_CONFIG).read_text()) if (weights_dir / HF_CONFIG).exists() else None
-    model_type = model_type or (source_hf or {}).get("model_type") or ("qwen3" if model.qk_norm else "qwen2" if model.qkv_bias else "llama")
+    model_type = (
+        model_type
+        or (source_hf or {}).get("model_type")
+        or ("qwen3" if model.qk_norm else "qwen2" if model.qkv_bias else "llama")
+    )
     output = Path(output)
     if output.exists():
         raise ConversionError(f"{output} already exists; choose a new output folder")
@@ -254,8 +278,11 @@ def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype:
     if model.lora.enabled:
         merged = []
         moved = _logprob_change(chunks[0], model.vocab_size, lambda: merged.append(merge_adapters(chunks)))
-        print(f"LoRA: merged {merged[0]} adapted linears into the base weights (W + alpha / r * B A in fp32, stored "
-              f"in {dtype}): summed log-probs of 4 random 32-token sequences moved by up to {moved:.3g} nats", flush=True)
+        print(
+            f"LoRA: merged {merged[0]} adapted linears into the base weights (W + alpha / r * B A in fp32, stored "
+            f"in {dtype}): summed log-probs of 4 random 32-token sequences moved by up to {moved:.3g} nats",
+            flush=True,
+        )
         if dtype == "bf16" and moved > 1e-3:
             print(f"warning: bf16 rounds away part of the adapters' change to the weights ({moved:.3g} nats); "
                   f"--dtype fp32 keeps the merged model exact, --adapter-only keeps the adapters apart",
@@ -299,7 +326,9 @@ def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype:
         if len(written) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": {k: names[v] for k, v in weight_map.items()}}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        config = hf_config_from_model(model, model_type=model_type, torch_dtype="bfloat16" if dtype == "bf16" else "float32")
+        config = hf_config_from_model(
+            model, model_type=model_type, torch_dtype="bfloat16" if dtype == "bf16" else "float32"
+        )
         if source_hf:  # keep what we do not model (token ids, names) from the original config
             config = {**source_hf, **config}
         tokenizer = _write_tokenizer(weights_dir if base and not (path / "tokenizer").is_dir() else path, state, tmp)
@@ -308,7 +337,9 @@ def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype:
             if config.get(key) is None and value is not None:
                 config[key] = value
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        generation = next((d / GENERATION_CONFIG for d in (path, weights_dir) if (d / GENERATION_CONFIG).exists()), None)
+        generation = next(
+            (d / GENERATION_CONFIG for d in (path, weights_dir) if (d / GENERATION_CONFIG).exists()), None
+        )
         if generation is not None:
             shutil.copy2(generation, tmp / GENERATION_CONFIG)
         else:
@@ -322,8 +353,8 @@ def convert_megatron_to_hf(checkpoint: str | Path, output: str | Path, *, dtype:
 
 def run_cli(convert: Callable[[], Path]) -> int:
     """Run a conversion for a command-line tool: exit code 2 with the message on bad input."""
-    from mmpo_megatron.parallel import destroy_parallel
     from mmpo_megatron.model.checkpoint import DamagedCheckpointError
+    from mmpo_megatron.parallel import destroy_parallel
 
     try:
         out = convert()

@@ -46,7 +46,9 @@ def model_config_from_hf(hf: Mapping[str, Any], *, layer_spec: str = "local", na
         kind = scaling.get("rope_type", scaling.get("type"))
         expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
         if kind != "llama3" or any(float(scaling.get(k, v)) != float(v) for k, v in expected.items()):
-            raise ConfigError(f"rope_scaling {scaling} is not supported (llama3 with low 1, high 4, original 8192 only)")
+            raise ConfigError(
+                f"rope_scaling {scaling} is not supported (llama3 with low 1, high 4, original 8192 only)"
+            )
         rope_scaling, factor = True, float(scaling["factor"])
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
@@ -77,7 +79,9 @@ def model_config_from_hf(hf: Mapping[str, Any], *, layer_spec: str = "local", na
     )
 
 
-def hf_config_from_model(model: ModelConfig, *, model_type: str = "llama", torch_dtype: str = "bfloat16") -> dict[str, Any]:
+def hf_config_from_model(
+    model: ModelConfig, *, model_type: str = "llama", torch_dtype: str = "bfloat16"
+) -> dict[str, Any]:
     """The inverse translation: an HF config.json dict for AutoModelForCausalLM."""
     head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
     architectures = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",

@@ -64,10 +64,17 @@ class PairBatch:
         if extra == 0:
             return self
         pad = lambda t, value: torch.nn.functional.pad(t, (0, extra), value=value)  # noqa: E731
-        positions = torch.arange(length, device=self.position_ids.device).unsqueeze(0).expand(self.position_ids.shape[0], -1)
+        positions = (
+            torch.arange(length, device=self.position_ids.device).unsqueeze(0).expand(self.position_ids.shape[0], -1)
+        )
         return PairBatch(
-            input_ids=pad(self.input_ids, 0), labels=pad(self.labels, 0), loss_mask=pad(self.loss_mask, False),
-            position_ids=positions.contiguous(), pair_valid=self.pair_valid, index=self.index, row_lengths=self.row_lengths,
+            input_ids=pad(self.input_ids, 0),
+            labels=pad(self.labels, 0),
+            loss_mask=pad(self.loss_mask, False),
+            position_ids=positions.contiguous(),
+            pair_valid=self.pair_valid,
+            index=self.index,
+            row_lengths=self.row_lengths,
         )
 
     def to(self, device: torch.device | str) -> "PairBatch":

@@ -94,7 +94,9 @@ def _messages(value: Any, column: str) -> list[dict[str, str]]:
     if value is None:
         raise _RowProblem("invalid_field", column, f"field {column!r} is null")
     if not _is_message_list(value) or not value:
-        raise _RowProblem("invalid_field", column, f"field {column!r} is not a non-empty list of {{role, content}} messages")
+        raise _RowProblem(
+            "invalid_field", column, f"field {column!r} is not a non-empty list of {{role, content}} messages"
+        )
     for i, message in enumerate(value):
         if not isinstance(message["content"], str):
             raise _RowProblem("invalid_field", column, f"{column}[{i}].content is not a string")
@@ -105,7 +107,11 @@ def _reply(value: Any, column: str) -> tuple[list[dict[str, str]], str]:
     """(history, assistant reply) of a message list whose last message is the reply."""
     messages = _messages(value, column)
     if messages[-1]["role"] != "assistant":
-        raise _RowProblem("no_assistant_reply", column, f"{column}: the last message is {messages[-1]['role']!r}, not an assistant reply")
+        raise _RowProblem(
+            "no_assistant_reply",
+            column,
+            f"{column}: the last message is {messages[-1]['role']!r}, not an assistant reply",
+        )
     if not messages[-1]["content"].strip():
         raise _RowProblem("empty_completion", column, f"{column}: the assistant reply is empty")
     return messages[:-1], messages[-1]["content"]
@@ -116,7 +122,9 @@ def _reply_text(value: Any, column: str) -> str:
     if isinstance(value, list):
         history, reply = _reply(value, column)
         if history:
-            raise _RowProblem("invalid_field", column, f"{column}: expected only the assistant reply, got {len(value)} messages")
+            raise _RowProblem(
+                "invalid_field", column, f"{column}: expected only the assistant reply, got {len(value)} messages"
+            )
         return reply
     return _text({column: value}, column)
 
@@ -135,7 +143,9 @@ def _normalise(fmt: str, row: Mapping[str, Any], mapping: Mapping[str, str] | No
     elif fmt == "orca":
         system = row.get("system")
         if system is not None and not isinstance(system, str):
-            raise _RowProblem("invalid_field", "system", f"field 'system' is {type(system).__name__}, expected a string")
+            raise _RowProblem(
+                "invalid_field", "system", f"field 'system' is {type(system).__name__}, expected a string"
+            )
         messages = [{"role": "system", "content": system}] if system and system.strip() else []
         messages.append({"role": "user", "content": _text(row, "question")})
         prompt_messages = json.dumps(messages)
@@ -144,7 +154,9 @@ def _normalise(fmt: str, row: Mapping[str, Any], mapping: Mapping[str, str] | No
         history_c, chosen = _reply(row.get("chosen"), "chosen")
         history_r, rejected = _reply(row.get("rejected"), "rejected")
         if history_c != history_r:
-            raise _RowProblem("prompt_mismatch", "rejected", "chosen and rejected conversations differ before the reply")
+            raise _RowProblem(
+                "prompt_mismatch", "rejected", "chosen and rejected conversations differ before the reply"
+            )
         if not history_c:
             if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
                 raise _RowProblem("invalid_field", "prompt", "no conversation before the reply and no prompt text")

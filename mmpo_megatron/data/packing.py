@@ -13,6 +13,7 @@ from torch import Tensor
 
 from mmpo_megatron.data.collate import Pair, pair_tokens, round_up, shifted_row
 
+
 @dataclass
 class PackedBatch:
     """Pairs packed into fixed-length rows; each pair's chosen and rejected share a row."""
@@ -39,8 +40,19 @@ class PackedBatch:
 
     def to(self, device: torch.device | str) -> "PackedBatch":
         """A copy on ``device`` (the sequence list stays as it is)."""
-        tensors = [t.to(device) for t in (self.input_ids, self.labels, self.loss_mask, self.position_ids,
-                                          self.segment_ids, self.sequence_ids, self.sequence_pair, self.sequence_is_chosen)]
+        tensors = [
+            t.to(device)
+            for t in (
+                self.input_ids,
+                self.labels,
+                self.loss_mask,
+                self.position_ids,
+                self.segment_ids,
+                self.sequence_ids,
+                self.sequence_pair,
+                self.sequence_is_chosen,
+            )
+        ]
         return PackedBatch(*tensors, self.sequences)
 
     def thd_cu_seqlens(self) -> tuple[Tensor, int]:

@@ -70,7 +70,9 @@ class DataReport:
             f"{self.truncated_pairs} truncated; {self.identical_pairs} with chosen == rejected (kept)"
         )
         if len(self.sources) > 1 or any(s["pairs_used"] != s["pairs_kept"] for s in self.sources):
-            used = ", ".join(f"{s['source']} {s['pairs_used']} (x{s['weight']:g} of {s['pairs_kept']})" for s in self.sources)
+            used = ", ".join(
+                f"{s['source']} {s['pairs_used']} (x{s['weight']:g} of {s['pairs_kept']})" for s in self.sources
+            )
             text += f"; mixed: {used}; {self.pairs_used} pairs an epoch"
         return text
 
@@ -92,7 +94,9 @@ def _check_json_lines(path: Path) -> None:
 
 def _load_files(builder: str, files: list[str], split: str, source: str) -> datasets.Dataset:
     if not split.startswith("train"):
-        raise DataError(f"{source}: local files form a single 'train' split (slices like train[:100] work), got {split!r}")
+        raise DataError(
+            f"{source}: local files form a single 'train' split (slices like train[:100] work), got {split!r}"
+        )
     try:
         return datasets.load_dataset(builder, data_files=files, split=split)
     except Exception as exc:
@@ -112,7 +116,9 @@ def load_source(source: DataSourceConfig) -> datasets.Dataset:
         split = source.split.split("[")[0]
         if split not in ("train", "test"):
             raise DataError(f"embedded data has splits 'train' and 'test', got {source.split!r}")
-        return datasets.load_dataset("json", data_files=str(demo_data_file(split)), split="train" + source.split[len(split):])
+        return datasets.load_dataset(
+            "json", data_files=str(demo_data_file(split)), split="train" + source.split[len(split) :]
+        )
     local = Path(path).expanduser()
     builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
     if local.is_file():
@@ -194,7 +200,8 @@ class PairTokeniser:
         if row["prompt_messages"]:
             if not getattr(tok, "chat_template", None):
                 raise DataError(
-                    f"{self.source}: row {index} is conversational but tokenizer {tok.name_or_path!r} has no chat template"
+                    f"{self.source}: row {index} is conversational but tokenizer {tok.name_or_path!r} "
+                    "has no chat template"
                 )
             messages = json.loads(row["prompt_messages"])
             prompt = _ids(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
@@ -257,7 +264,9 @@ def prepare_source(
     report.identical_pairs = int(sum(kept["identical"]))
     report.truncated_pairs = int(sum(kept["truncated"]))
     if report.identical_pairs:
-        log.warning("%s: %d pairs have chosen == rejected; kept (they carry no preference signal)", name, report.identical_pairs)
+        log.warning(
+            "%s: %d pairs have chosen == rejected; kept (they carry no preference signal)", name, report.identical_pairs
+        )
     kept = kept.remove_columns(["drop_reason", "error", "identical", "truncated"])
     return kept, report
 

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+
 class PairSampler:
     """Deterministic, resumable order of training pairs, sharded over data-parallel ranks.
 
@@ -51,7 +52,9 @@ class PairSampler:
     def step_microbatches(self, consumed_samples: int) -> list[list[int]]:
         """This rank's micro-batches (lists of pair indices) for the step after ``consumed_samples``."""
         if consumed_samples % self.global_batch_size != 0:
-            raise ValueError(f"consumed_samples {consumed_samples} is not a multiple of the global batch {self.global_batch_size}")
+            raise ValueError(
+                f"consumed_samples {consumed_samples} is not a multiple of the global batch {self.global_batch_size}"
+            )
         per_epoch = self.steps_per_epoch * self.global_batch_size
         epoch, step = consumed_samples // per_epoch, (consumed_samples % per_epoch) // self.global_batch_size
         batch = self._global_batch(epoch, step)

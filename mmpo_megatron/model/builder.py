@@ -47,7 +47,9 @@ def check_runtime_support(model: ModelConfig, precision: PrecisionConfig, device
         _require_transformer_engine()
     if precision.fp8 is not None and (device != "cuda" or torch.cuda.get_device_capability() < (8, 9)):
         found = "no GPU" if device != "cuda" else f"a GPU of compute capability {torch.cuda.get_device_capability()}"
-        raise ConfigError(f"precision.fp8: FP8 GEMMs need an Ada/Hopper/Blackwell GPU (capability >= 8.9); found {found}")
+        raise ConfigError(
+            f"precision.fp8: FP8 GEMMs need an Ada/Hopper/Blackwell GPU (capability >= 8.9); found {found}"
+        )
 
 
 def transformer_config(
@@ -197,7 +199,9 @@ def build_model_chunks(
 
     validate_layout(model, parallel)
     config = transformer_config(model, parallel, precision, device, initialize)
-    initial_adapters = read_peft_adapter(model.lora.init_from)[1] if model.lora.enabled and model.lora.init_from else None
+    initial_adapters = (
+        read_peft_adapter(model.lora.init_from)[1] if model.lora.enabled and model.lora.init_from else None
+    )
     chunks = []
     vpp = parallel.virtual_pipeline
     for stage in range(vpp or 1):
@@ -253,7 +257,9 @@ def _defer_output_layer(gpt: torch.nn.Module) -> None:
 def output_weight(chunk: torch.nn.Module) -> torch.Tensor:
     """This last-stage chunk's output weight shard (the embedding when tied)."""
     gpt = unwrap(chunk)
-    return gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
+    return (
+        gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else gpt.output_layer.weight
+    )
 
 
 def packed_attention_kind(model: ModelConfig) -> str:
@@ -269,10 +275,10 @@ def default_pack_length(model: ModelConfig, max_length: int, micro_batch_size: i
     """Packed row length when ``data.pack_length`` is unset.
 
     Where packed attention costs follow the real tokens (compiled flex_attention on local_sdpa,
-    TE's THD kernels; both GPU) a whole micro-batch goes in one row and nothing is padding
-    (UltraFeedback-like lengths: 0.1%, against 16% with rows of one longest pair), up to 16k tokens
-    a row: building the block mask evaluates length^2 booleans. A dense mask costs rows x length^2
-    in attention too, so elsewhere a row holds one longest pair (2 x max_length).
+    TE's THD kernels; both GPU) a whole micro-batch goes in one row and almost nothing is padding
+    (docs/data.md, "Batching and packing", has the figures), up to 16k tokens a row: building the
+    block mask evaluates length^2 booleans. A dense mask costs rows x length^2 in attention too, so
+    elsewhere a row holds one longest pair (2 x max_length).
     """
     one_pair = 2 * max_length
     if packed_attention_kind(model) in ("flex", "thd") and device == "cuda":

@@ -177,7 +177,9 @@ def _load_model_state(chunks: Sequence[torch.nn.Module], loaded: dict[str, Any],
             continue
         missing, unexpected = unwrap(chunk).load_state_dict(state, strict=False)
         if unexpected or any(parts.keeps(name) for name in missing):
-            raise RuntimeError(f"loading {parts}: missing {[n for n in missing if parts.keeps(n)]}, unexpected {unexpected}")
+            raise RuntimeError(
+                f"loading {parts}: missing {[n for n in missing if parts.keeps(n)]}, unexpected {unexpected}"
+            )
     if masters_of is not None:
         refresh_masters(masters_of)
 
@@ -255,12 +257,16 @@ def check_lora_settings(checkpoint: Path, lora) -> None:
         return
     saved = LoraConfig(**saved)
     if (saved.rank, saved.projections) != (lora.rank, lora.projections):
-        raise ConfigError(f"model.lora: the checkpoints in {Path(checkpoint).parent} were trained with rank {saved.rank} "
-                          f"on {list(saved.projections)}; this run has rank {lora.rank} on {list(lora.projections)}. "
-                          f"Resume with the same settings, or start a new train.output_dir")
+        raise ConfigError(
+            f"model.lora: the checkpoints in {Path(checkpoint).parent} were trained with rank {saved.rank} "
+            f"on {list(saved.projections)}; this run has rank {lora.rank} on {list(lora.projections)}. "
+            f"Resume with the same settings, or start a new train.output_dir"
+        )
 
 
-def _load_recorded_base(path: Path, chunks: Sequence[torch.nn.Module], optimizer, base: str | Path | None = None) -> None:
+def _load_recorded_base(
+    path: Path, chunks: Sequence[torch.nn.Module], optimizer, base: str | Path | None = None
+) -> None:
     """Before an adapters-only checkpoint: its base weights, from ``base`` (a run's
     checkpoint.load_weights) or where the checkpoint recorded them; the fingerprint checked."""
     recorded = json.loads((path / TRAINER_STATE).read_text()).get(LORA_BASE) or {}
@@ -282,7 +288,9 @@ def _check_adapter_keys(path: Path, state: dict[str, Any]) -> None:
     from mmpo_megatron.model.lora import ADAPTER
 
     marker = f".{ADAPTER}."
-    saved = {k for k in dist_checkpointing.load_tensors_metadata(str(path)) if marker in k and not k.startswith("optimizer.")}
+    saved = {
+        k for k in dist_checkpointing.load_tensors_metadata(str(path)) if marker in k and not k.startswith("optimizer.")
+    }
     wanted = {v.key for chunk in state.values() if isinstance(chunk, dict) for v in chunk.values()
               if isinstance(v, ShardedBase) and marker in v.key}
     extra = sorted(saved - wanted)
@@ -360,7 +368,9 @@ def save_to(final: Path, chunks: Sequence[torch.nn.Module], optimizer, trainer_s
             for name, source in (extra_files or {}).items():
                 shutil.copy2(source, tmp / name)
             (tmp / MANIFEST).write_text(json.dumps(_file_sizes(tmp), indent=1))
-            (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "world_size": dist.get_world_size()}, indent=2))
+            (tmp / TRAINER_STATE).write_text(
+                json.dumps({**trainer_state, "world_size": dist.get_world_size()}, indent=2)
+            )
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)

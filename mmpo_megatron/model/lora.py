@@ -109,10 +109,11 @@ class LoraAdapters(torch.nn.Module):
 
     def _column_delta(self, x: torch.Tensor, output_shape: torch.Size) -> torch.Tensor:
         from megatron.core import parallel_state as ps
-        from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
-                                                             gather_from_sequence_parallel_region)
-
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
+        from megatron.core.tensor_parallel.mappings import (
+            copy_to_tensor_model_parallel_region,
+            gather_from_sequence_parallel_region,
+        )
         from megatron.core.tensor_parallel.random import _DATA_PARALLEL_RNG_TRACKER_NAME
 
         group = ps.get_tensor_model_parallel_group()
@@ -146,8 +147,10 @@ class LoraAdapters(torch.nn.Module):
     def _row_delta(self, x: torch.Tensor) -> torch.Tensor:
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
-        from megatron.core.tensor_parallel.mappings import (reduce_from_tensor_model_parallel_region,
-                                                             scatter_to_sequence_parallel_region)
+        from megatron.core.tensor_parallel.mappings import (
+            reduce_from_tensor_model_parallel_region,
+            scatter_to_sequence_parallel_region,
+        )
 
         group = ps.get_tensor_model_parallel_group()
         with get_cuda_rng_tracker().fork():  # this rank's input features: a mask of its own
@@ -252,7 +255,9 @@ def check_peft_adapter(lora: LoraConfig, adapter: dict) -> None:
         raise ConfigError(f"model.lora.rank: {lora.rank}, but the init_from adapter has r={adapter.get('r')}")
     alpha = lora.alpha if lora.alpha is not None else lora.rank
     if float(adapter.get("lora_alpha", 8)) != float(alpha):
-        raise ConfigError(f"model.lora.alpha: {alpha}, but the init_from adapter has lora_alpha={adapter.get('lora_alpha')}")
+        raise ConfigError(
+            f"model.lora.alpha: {alpha}, but the init_from adapter has lora_alpha={adapter.get('lora_alpha')}"
+        )
     theirs = adapter.get("target_modules") or []
     theirs = lora_projections([theirs] if isinstance(theirs, str) else theirs)
     if set(theirs) != set(lora.projections):
@@ -278,7 +283,9 @@ def write_peft_adapter(folder: str | Path, lora: LoraConfig, tensors: dict[str, 
     return folder
 
 
-def add_lora(gpt: torch.nn.Module, lora: LoraConfig, *, seed: int, initial: dict[str, torch.Tensor] | None = None) -> int:
+def add_lora(
+    gpt: torch.nn.Module, lora: LoraConfig, *, seed: int, initial: dict[str, torch.Tensor] | None = None
+) -> int:
     """Attach adapters to every targeted linear of ``gpt`` (a GPTModel chunk), freeze everything
     else; returns the number of adapters added. The chunk's layers know their global numbers.
     ``initial``: whole adapter tensors by PEFT name (read_peft_adapter), else PEFT's initialisation."""
@@ -419,5 +426,7 @@ def adapter_tensors(chunks: Sequence[torch.nn.Module]) -> dict[str, torch.Tensor
                         continue
                     for name, projection in adapters.projections.items():
                         for matrix in ("lora_A", "lora_B"):
-                            out[peft_name(layer.layer_number - 1, name, matrix)] = getattr(projection, matrix).weight.detach().cpu()
+                            out[peft_name(layer.layer_number - 1, name, matrix)] = (
+                                getattr(projection, matrix).weight.detach().cpu()
+                            )
     return out

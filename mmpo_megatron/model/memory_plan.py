@@ -25,8 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmpo_megatron.config import (LORA_PROJECTIONS, RECOMPUTE_GRANULARITIES, DataConfig, ModelConfig, TrainConfig,
-                                  padded_vocab_size)
+from mmpo_megatron.config import (
+    LORA_PROJECTIONS,
+    RECOMPUTE_GRANULARITIES,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    padded_vocab_size,
+)
 
 GIB = 2**30
 
@@ -251,7 +257,10 @@ def in_flight_microbatches(layout: Layout, microbatches: int) -> float:
 
 def head_bytes(model: ModelConfig, layout: Layout, work: Workload, vocab_size: int) -> float:
     """The log-prob head's working set on the last stage (one micro-batch)."""
-    vocab = padded_vocab_size(vocab_size, model.make_vocab_size_divisible_by, layout.tensor_parallel) / layout.tensor_parallel
+    vocab = (
+        padded_vocab_size(vocab_size, model.make_vocab_size_divisible_by, layout.tensor_parallel)
+        / layout.tensor_parallel
+    )
     tokens = 2 * work.micro_batch_size * work.max_length
     if work.fused_logprob_chunk > 0:
         # fp32 logits of one chunk, their exp and the chunk's gradient block.
@@ -275,8 +284,11 @@ def estimate(model: ModelConfig, layout: Layout, work: Workload, *, vocab_size: 
     per_chunk = kept_activation_bytes(model, layout, work, layer_spec, layers // chunks)
     kept_per_microbatch = {name: value * chunks for name, value in per_chunk.items()}
     moments = 8 + (4 if work.dtype == "bf16" else 0)  # Adam m, v (+ fp32 master under bf16)
-    whole_layer = sum(layer_activation_bytes(model, Layout(tp, pp, dp, layout.virtual_pipeline,
-                                                           layout.sequence_parallel, "none"), work, layer_spec).values())
+    whole_layer = sum(
+        layer_activation_bytes(
+            model, Layout(tp, pp, dp, layout.virtual_pipeline, layout.sequence_parallel, "none"), work, layer_spec
+        ).values()
+    )
     # The backward of a layer holds gradients of about its own activations while it runs. Under
     # full recompute a checkpointed group's forward is redone first (all of its layers' sets) and
     # its backward frees as it goes: half a layer's set on top (measured on CPU). Under the block
@@ -299,7 +311,9 @@ def estimate(model: ModelConfig, layout: Layout, work: Workload, *, vocab_size: 
     if layout.recompute == "selective" and layer_spec == "local":
         working += scores
     scratch = scores if layer_spec == "local" else 0.0
-    adapters = layer_adapter_parameters(model, tp, work.lora_rank, work.lora_projections) * layers if work.lora_rank else 0
+    adapters = (
+        layer_adapter_parameters(model, tp, work.lora_rank, work.lora_projections) * layers if work.lora_rank else 0
+    )
     best = None
     for index, params in enumerate(stages):
         # Under LoRA only the adapters have gradients and optimizer state; the base weights are frozen.
@@ -363,8 +377,12 @@ def plan(model: ModelConfig, gpus: int, gpu_memory_gib: float, work: Workload, *
 
     def rank(row: PlanRow):
         layout = row.layout
-        return (not row.fits, RECOMPUTE_GRANULARITIES.index(layout.recompute), layout.tensor_parallel * layout.pipeline_parallel,
-                row.estimate.total)
+        return (
+            not row.fits,
+            RECOMPUTE_GRANULARITIES.index(layout.recompute),
+            layout.tensor_parallel * layout.pipeline_parallel,
+            row.estimate.total,
+        )
 
     return sorted(rows, key=rank)
 

@@ -53,7 +53,9 @@ class MMPOObjective(Objective):
         ref = PairLogProbs(micro.ref_chosen, micro.ref_rejected, counts[:pairs], counts[pairs:])
         chosen, rejected, _, _ = ref.reduced(self.config.logp_reduction)
         loss = self.config
-        return prior_rewards(chosen, rejected, beta=loss.beta, eps_chosen=loss.eps_chosen, eps_rejected=loss.eps_rejected)
+        return prior_rewards(
+            chosen, rejected, beta=loss.beta, eps_chosen=loss.eps_chosen, eps_rejected=loss.eps_rejected
+        )
 
     def prepare_step(self, micro_batches: Sequence["MicroBatch"], group: "dist.ProcessGroup | None") -> None:
         """Set each micro-batch's ``norm_min``/``norm_max`` for the configured scope."""

@@ -30,13 +30,17 @@ from mmpo_megatron.model.builder import build_model_chunks, default_pack_length,
 from mmpo_megatron.model.objective import Objective, objective_for
 from mmpo_megatron.model.optimizer import masters_out_of_step, wrap_for_training
 from mmpo_megatron.model.reference import ReferenceSource
-from mmpo_megatron.model.schedule import (HeadAndMask, MicroBatch, microbatch_multiple, score_microbatches,
-                                          train_microbatches)
+from mmpo_megatron.model.schedule import (
+    HeadAndMask,
+    MicroBatch,
+    microbatch_multiple,
+    score_microbatches,
+    train_microbatches,
+)
 from mmpo_megatron.model.scoring import microbatches_for, score_dataset
 from mmpo_megatron.pair_logprobs import PairLogProbs
 from mmpo_megatron.parallel.batch_stats import reduce_metric_sums
 from mmpo_megatron.parallel.runtime import current_layout
-
 
 PACKING_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 """Largest per-pair, per-token log-prob gap allowed between a packed and a padded forward of the same
@@ -100,7 +104,9 @@ class MegatronPreferenceModel:
         return [microbatches_for(pairs, p, self.pad_id, self.pad_to_multiple, self.device, self.vocab_size,
                                  self.pack_length) for p in positions]
 
-    def score(self, pairs, *, chunks: Sequence[torch.nn.Module] | None = None, progress: bool = False) -> PairLogProbs | None:
+    def score(
+        self, pairs, *, chunks: Sequence[torch.nn.Module] | None = None, progress: bool = False
+    ) -> PairLogProbs | None:
         """Forward-only per-pair summed log-probs of a whole data set, any TP/PP/DP (last stage; None
         elsewhere). ``chunks`` scores other weights of the same layout (a resident reference)."""
         with self.updated_weights():
@@ -216,12 +222,16 @@ class MegatronPreferenceModel:
             names = {id(p): n for chunk in self.chunks for n, p in unwrap(chunk).named_parameters()}
             first = names.get(id(stale[0]), "?") if stale else "on another rank"
             raise RuntimeError(
-                f"{count.item()} parameter shard(s) (first: {first}) differ from the optimizer's fp32 master weights: they "
-                "were written after the optimizer was built. Load weights with model.load_weights(...), or call "
-                "model.optimizer.reload_model_params() after writing parameters yourself.")
+                f"{count.item()} parameter shard(s) (first: {first}) differ from the optimizer's fp32 master "
+                "weights: they were written after the optimizer was built. Load weights with "
+                "model.load_weights(...), or call model.optimizer.reload_model_params() after writing parameters "
+                "yourself."
+            )
 
     def _grads_finite(self, loss: float | None) -> bool:
-        local = all(bool(torch.isfinite(b.grad_data).all()) for c in self.chunks for b in c.buffers + c.expert_parallel_buffers)
+        local = all(
+            bool(torch.isfinite(b.grad_data).all()) for c in self.chunks for b in c.buffers + c.expert_parallel_buffers
+        )
         if loss is not None and not math.isfinite(loss):
             local = False
         flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=self.device)
@@ -235,7 +245,9 @@ class MegatronPreferenceModel:
         if ps.get_pipeline_model_parallel_world_size() == 1:
             return metrics or {}
         box = [metrics]
-        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+        dist.broadcast_object_list(
+            box, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+        )
         return box[0] or {}
 
     # ------------------------------------------------------------------------------- checkpoints

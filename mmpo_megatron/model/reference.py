@@ -66,7 +66,9 @@ def cache_entry_lock(path: Path, *, is_writer: bool, device) -> Iterator[None]:
             except BlockingIOError:
                 held = 0
             except OSError as exc:  # e.g. a Lustre mount without -o flock
-                log.warning("reference cache: no file lock on %s (%s): runs sharing the cache may score it twice", path, exc)
+                log.warning(
+                    "reference cache: no file lock on %s (%s): runs sharing the cache may score it twice", path, exc
+                )
         agreed = torch.tensor([held], dtype=torch.int32, device=device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         if agreed.item():
@@ -85,7 +87,13 @@ def cache_entry_lock(path: Path, *, is_writer: bool, device) -> Iterator[None]:
 
 
 def cached_scores(
-    cache_dir: Path, key: str, compute: Callable[[], PairLogProbs | None], *, is_writer: bool, on_last_stage: bool, device
+    cache_dir: Path,
+    key: str,
+    compute: Callable[[], PairLogProbs | None],
+    *,
+    is_writer: bool,
+    on_last_stage: bool,
+    device,
 ) -> PairLogProbs | None:
     """Load ``ref_<key>.pt`` if present on every rank, else run ``compute()`` (all ranks) and save
     it; under the entry's lock, so that runs started together on one cache score it once."""
@@ -124,7 +132,9 @@ class ReferenceSource:
 class PrecomputedReference(ReferenceSource):
     """Scores computed once per data set with ``weights`` (a context giving chunks to score with), cached."""
 
-    def __init__(self, cache_dir: Path, key_parts: tuple, weights: Callable[[], contextlib.AbstractContextManager]) -> None:
+    def __init__(
+        self, cache_dir: Path, key_parts: tuple, weights: Callable[[], contextlib.AbstractContextManager]
+    ) -> None:
         self.cache_dir, self.key_parts, self.weights = Path(cache_dir), key_parts, weights
         self.train: PairLogProbs | None = None
 

@@ -17,12 +17,17 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from mmpo_megatron.config import ModelConfig
 from mmpo_megatron.data.collate import PairBatch
 from mmpo_megatron.data.packing import PackedBatch, packed_sequence_sums
 from mmpo_megatron.logprobs import output_layer_logprobs, token_logprobs
-from mmpo_megatron.config import ModelConfig
-from mmpo_megatron.model.builder import (output_weight, packed_attention_kind, packed_attention_mask,
-                                         thd_packed_seq_params, unwrap)
+from mmpo_megatron.model.builder import (
+    output_weight,
+    packed_attention_kind,
+    packed_attention_mask,
+    thd_packed_seq_params,
+    unwrap,
+)
 from mmpo_megatron.model.objective import Objective
 from mmpo_megatron.pair_logprobs import PairLogProbs
 from mmpo_megatron.parallel.batch_stats import MAX_PREFIX
@@ -92,15 +97,17 @@ def pair_logps(output: Tensor, micro: MicroBatch, head: tuple[Tensor, int] | Non
     if head is None:
         per_token = token_logprobs(output, labels, vocab_size=micro.vocab_size)
     else:
-        # The output layer runs on completion tokens only: prompt and padding positions (36% of the
-        # tokens on UltraFeedback-like lengths, half in the 256+256 benchmark) never reach the head.
+        # The output layer runs on completion tokens only: prompt and padding positions (a third or
+        # more of the tokens on preference data, README.md "Memory-lean log-probs") never reach it.
         weight, chunk = head
         scored = output_layer_logprobs(output[mask], weight, labels[mask], chunk=chunk, vocab_size=micro.vocab_size)
         per_token = torch.zeros(mask.shape, dtype=scored.dtype, device=scored.device).masked_scatter(mask, scored)
     pairs = micro.batch.num_pairs
     if micro.packed is None:
         sums, tokens = (per_token * mask).sum(-1), mask.sum(-1)
-        return PairLogProbs(sums[:pairs], sums[pairs:], tokens[:pairs], tokens[pairs:], micro.ref_chosen, micro.ref_rejected)
+        return PairLogProbs(
+            sums[:pairs], sums[pairs:], tokens[:pairs], tokens[pairs:], micro.ref_chosen, micro.ref_rejected
+        )
     packed = micro.packed
     sums = packed_sequence_sums(per_token, packed)
     tokens = packed_sequence_sums(mask.long(), packed)
@@ -129,7 +136,9 @@ def _loss_func(objective: Objective, micro: MicroBatch, head, logits: Tensor):
         if micro.ref_chosen is not None:
             diff = torch.cat([(logps.chosen.detach() - micro.ref_chosen).abs()[valid],
                               (logps.rejected.detach() - micro.ref_rejected).abs()[valid]])
-            sums[MAX_PREFIX + "policy_ref_logp_diff"] = diff.max().double() if diff.numel() else torch.zeros((), dtype=torch.float64)
+            sums[MAX_PREFIX + "policy_ref_logp_diff"] = (
+                diff.max().double() if diff.numel() else torch.zeros((), dtype=torch.float64)
+            )
     return loss_sum, valid.sum().to(torch.int), sums
 
 

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from mmpo_megatron.data.collate import collate_pairs
 from mmpo_megatron.data.packing import pack_rows
 from mmpo_megatron.data.sampling import eval_microbatches
-from mmpo_megatron.pair_logprobs import PairLogProbs
 from mmpo_megatron.model.schedule import HeadAndMask, MicroBatch, microbatch_multiple, score_microbatches
+from mmpo_megatron.pair_logprobs import PairLogProbs
 
 
 def microbatches_for(

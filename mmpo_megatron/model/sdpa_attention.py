@@ -1,9 +1,9 @@
 """megatron's local core attention with PyTorch's fused scaled_dot_product_attention inside.
 
 The local spec's DotProductAttention runs baddbmm + an fp32 softmax + bmm and expands GQA with
-repeat_interleave; on an H100 without Transformer Engine that made a 1.5B DPO step 1.44x slower
-(the GPU baseline: a 1.5B Llama on one H100 without TE). This subclass keeps its constructor (and so its config checks) and
-replaces only the arithmetic.
+repeat_interleave, which is slow on a GPU without Transformer Engine (README.md, "Layer specs",
+has the measurement). This subclass keeps its constructor (and so its config checks) and replaces
+only the arithmetic.
 
 Packed rows reach it in one of two forms, and it builds their mask itself, once per forward:
 as a tensor of segment ids in megatron's ``attention_mask`` slot (not a flex_attention BlockMask:
@@ -50,7 +50,9 @@ def packed_block_mask(segment_ids: torch.Tensor) -> BlockMask:
     def same_sequence_causal(b, h, q, k):
         return (segment_ids[b, q] == segment_ids[b, k]) & (q >= k) & (segment_ids[b, q] >= 0)
 
-    return create_block_mask(same_sequence_causal, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=segment_ids.device)
+    return create_block_mask(
+        same_sequence_causal, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=segment_ids.device
+    )
 
 
 def flex_or_dense_mask(segment_ids: torch.Tensor):
@@ -63,7 +65,15 @@ def flex_or_dense_mask(segment_ids: torch.Tensor):
 
 def _cached_mask(source: torch.Tensor, form, build):
     global _mask_cache
-    key = (source.data_ptr(), source.shape, source.stride(), source.device, source._version, form, torch.is_grad_enabled())
+    key = (
+        source.data_ptr(),
+        source.shape,
+        source.stride(),
+        source.device,
+        source._version,
+        form,
+        torch.is_grad_enabled(),
+    )
     if not (_mask_cache and _mask_cache[0] == key):
         _mask_cache = (key, source, build())
     return _mask_cache[2]
@@ -87,14 +97,18 @@ def thd_attention_mask(cu_seqlens: torch.Tensor, tokens: int):
 class SDPAttention(DotProductAttention):
     """DotProductAttention's interface; the math is ``F.scaled_dot_product_attention``."""
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         """[s, b, heads, d] query, [s, b, groups, d] key/value -> [s, b, heads * d]; THD packed
         sequences come as [t, heads, d] and leave as [t, 1, heads * d]."""
         if attention_bias is not None:
             raise NotImplementedError("SDPAttention does not support an attention bias; use TE")
         if packed_seq_params is not None:
             if packed_seq_params.qkv_format != "thd":
-                raise NotImplementedError(f"SDPAttention reads packed sequences as thd, got {packed_seq_params.qkv_format!r}")
+                raise NotImplementedError(
+                    f"SDPAttention reads packed sequences as thd, got {packed_seq_params.qkv_format!r}"
+                )
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
             attention_mask = thd_attention_mask(packed_seq_params.cu_seqlens_q, query.size(0))
         elif attention_mask is not None and attention_mask.dtype != torch.bool:
@@ -114,6 +128,13 @@ class SDPAttention(DotProductAttention):
         dropout = self.attention_dropout.p if self.training else 0.0
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
             context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.softmax_scale, enable_gqa=gqa
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=is_causal,
+                scale=self.softmax_scale,
+                enable_gqa=gqa,
             )
         return context.permute(2, 0, 1, 3).reshape(seq, batch, self.hidden_size_per_partition)

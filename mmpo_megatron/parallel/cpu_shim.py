@@ -13,11 +13,10 @@ import warnings
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
-
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.utils import GlobalMemoryBuffer
+from torch.overrides import TorchFunctionMode
 
 
 class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):

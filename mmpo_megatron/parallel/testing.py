@@ -138,12 +138,16 @@ class RankPool:
                 failed = [r for r, (ok, _, _) in done.items() if not ok]
                 wait_until = min(deadline, self._first_failure_at + FAILURE_GRACE_S) if failed else deadline
                 try:
-                    rank, ok, payload, raised_at = self.results.get(timeout=max(0.05, min(1.0, wait_until - time.monotonic())))
+                    rank, ok, payload, raised_at = self.results.get(
+                        timeout=max(0.05, min(1.0, wait_until - time.monotonic()))
+                    )
                 except queue.Empty:
                     if any(not p.is_alive() for p in self.processes):
                         self._raise_stopped(fn, world_size, done, "a rank process died")
                     if time.monotonic() >= wait_until:
-                        self._raise_stopped(fn, world_size, done, None if failed else f"still running after {timeout:.0f} s")
+                        self._raise_stopped(
+                            fn, world_size, done, None if failed else f"still running after {timeout:.0f} s"
+                        )
                     continue
                 if not ok and not failed:
                     self._first_failure_at = time.monotonic()

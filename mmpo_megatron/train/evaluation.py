@@ -11,7 +11,9 @@ from mmpo_megatron.model.preference_model import MegatronPreferenceModel
 from mmpo_megatron.pair_logprobs import PairLogProbs
 
 
-def evaluate(model: MegatronPreferenceModel, pairs, reference: PairLogProbs | None, loss: LossConfig) -> dict[str, float]:
+def evaluate(
+    model: MegatronPreferenceModel, pairs, reference: PairLogProbs | None, loss: LossConfig
+) -> dict[str, float]:
     """Held-out metrics (every rank gets them); {} without held-out pairs."""
     if pairs is None:
         return {}

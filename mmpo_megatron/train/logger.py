@@ -65,7 +65,11 @@ class MetricsLogger:
         """Write one record ``{step, split, **metrics}`` to every sink."""
         if not self.enabled:
             return
-        record = {"step": step, "split": split, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}
+        record = {
+            "step": step,
+            "split": split,
+            **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()},
+        }
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()  # nothing lost on a crash
         if self._tb is not None:

@@ -65,7 +65,11 @@ def preflight(cfg: TrainConfig, world_size: int) -> TrainConfig:
         from mmpo_megatron.model.lora import check_peft_adapter, read_peft_adapter
 
         check_peft_adapter(cfg.model.lora, read_peft_adapter(cfg.model.lora.init_from)[0])
-    if cfg.reference.mode == "adapters_off" and cfg.checkpoint.load_weights and holds_adapters(cfg.checkpoint.load_weights):
+    if (
+        cfg.reference.mode == "adapters_off"
+        and cfg.checkpoint.load_weights
+        and holds_adapters(cfg.checkpoint.load_weights)
+    ):
         raise ConfigError(f"reference.mode: adapters_off makes the base the reference, but checkpoint.load_weights="
                           f"{cfg.checkpoint.load_weights} holds LoRA adapters, so the policy starts elsewhere: set "
                           f"reference.mode=precompute (the starting policy as the reference)")
@@ -88,9 +92,12 @@ def check_lm_documents_fit(cfg: TrainConfig, device: str) -> None:
     if not (cfg.eval.lm_data and cfg.data.packing):
         return
     length = cfg.eval.lm_max_length or cfg.data.max_length
-    pack_length = cfg.data.pack_length or default_pack_length(cfg.model, cfg.data.max_length, cfg.train.micro_batch_size,
-                                                              device)
+    pack_length = cfg.data.pack_length or default_pack_length(
+        cfg.model, cfg.data.max_length, cfg.train.micro_batch_size, device
+    )
     if length + 2 > pack_length:
-        raise ConfigError(f"eval.lm_max_length: a document of {length} tokens is scored in a packed row of {length + 2}, "
-                          f"longer than the packed row length {pack_length} (data.pack_length); lower "
-                          f"eval.lm_max_length to {pack_length - 2} or raise data.pack_length")
+        raise ConfigError(
+            f"eval.lm_max_length: a document of {length} tokens is scored in a packed row of {length + 2}, "
+            f"longer than the packed row length {pack_length} (data.pack_length); lower "
+            f"eval.lm_max_length to {pack_length - 2} or raise data.pack_length"
+        )

@@ -18,8 +18,14 @@ from mmpo_megatron.data.tokenizer import load_tokenizer
 from mmpo_megatron.model import checkpoint as ckpt
 from mmpo_megatron.model.builder import build_model_chunks, resolve_dtype
 from mmpo_megatron.model.preference_model import MegatronPreferenceModel
-from mmpo_megatron.model.reference import (AdaptersOffReference, CpuSwapReference, PrecomputedReference,
-                                          ReferenceSource, ResidentReference, checkpoint_weights_in)
+from mmpo_megatron.model.reference import (
+    AdaptersOffReference,
+    CpuSwapReference,
+    PrecomputedReference,
+    ReferenceSource,
+    ResidentReference,
+    checkpoint_weights_in,
+)
 
 
 def prepare_run_folder(cfg: TrainConfig, is_rank0: bool) -> Path:
@@ -186,7 +192,10 @@ def source_metadata(cfg: TrainConfig) -> dict[str, Path]:
         except (FileNotFoundError, ckpt.DamagedCheckpointError):
             pass
         for folder in folders:
-            for name, candidates in ((HF_CONFIG, (HF_CONFIG, "config.json")), (GENERATION_CONFIG, (GENERATION_CONFIG,))):
+            for name, candidates in (
+                (HF_CONFIG, (HF_CONFIG, "config.json")),
+                (GENERATION_CONFIG, (GENERATION_CONFIG,)),
+            ):
                 for candidate in candidates:
                     if name not in found and (folder / candidate).is_file():
                         found[name] = folder / candidate

@@ -134,7 +134,9 @@ class StopConditions:
     def reason(self, next_step_evaluates: bool = False) -> str | None:
         """Why to stop now, agreed by every rank (None: go on). Called by all ranks at a step boundary."""
         # The signal's number travels, so every rank (rank 0 writes the run status) names it.
-        flags = torch.tensor([float(self.signal_number), float(self.budget_short(next_step_evaluates))], device=self.device)
+        flags = torch.tensor(
+            [float(self.signal_number), float(self.budget_short(next_step_evaluates))], device=self.device
+        )
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[0] > 0:

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from mmpo_megatron.config import ConfigError, TrainConfig
+from mmpo_megatron.data.lm import lm_documents
 from mmpo_megatron.data.sampling import PairSampler
 from mmpo_megatron.model import checkpoint as ckpt
 from mmpo_megatron.model.preference_model import MegatronPreferenceModel
 from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
-from mmpo_megatron.data.lm import lm_documents
 from mmpo_megatron.train.evaluation import evaluate, lm_nll
 from mmpo_megatron.train.logger import MetricsLogger
 from mmpo_megatron.train.preflight import preflight
@@ -55,16 +55,24 @@ class Trainer:
         self.tokenizer, self.train_pairs, self.eval_pairs = load_data(cfg, self.out, self.is_rank0)
         self.lm_documents = None
         if cfg.eval.lm_data:
-            self.lm_documents = lm_documents(cfg.eval.lm_data, self.tokenizer, cfg.eval.lm_max_length or cfg.data.max_length,
-                                             cfg.eval.lm_max_documents)
+            self.lm_documents = lm_documents(
+                cfg.eval.lm_data,
+                self.tokenizer,
+                cfg.eval.lm_max_length or cfg.data.max_length,
+                cfg.eval.lm_max_documents,
+            )
         self.lm_nll_ref: float | None = None  # the reference's NLL on lm_documents (scored once)
         gbs = cfg.train.global_batch_size
         self.steps_per_epoch = len(self.train_pairs) // gbs
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.train_pairs)} training pairs cannot fill one global batch of {gbs}")
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
-        self.model = MegatronPreferenceModel.from_config(cfg, vocab_size=cfg.model.vocab_size or len(self.tokenizer),
-                                                         pad_id=self.tokenizer.pad_token_id, total_steps=self.total_steps)
+        self.model = MegatronPreferenceModel.from_config(
+            cfg,
+            vocab_size=cfg.model.vocab_size or len(self.tokenizer),
+            pad_id=self.tokenizer.pad_token_id,
+            total_steps=self.total_steps,
+        )
         self.records: list[dict[str, Any]] = []
         self._lora_base: dict[str, Any] | None = None  # what adapters-only checkpoints record of their base
 
@@ -107,12 +115,18 @@ class Trainer:
                 skipped += int(metrics["skipped"])
                 if metrics["skipped"]:
                     self.nonfinite(logger, step, in_a_row)
-                metrics.update(step_time_s=time.perf_counter() - started, skipped_steps=float(skipped),
-                               epoch=consumed / (self.steps_per_epoch * cfg.train.global_batch_size), memory_gib=_memory_gib(model.device))
+                metrics.update(
+                    step_time_s=time.perf_counter() - started,
+                    skipped_steps=float(skipped),
+                    epoch=consumed / (self.steps_per_epoch * cfg.train.global_batch_size),
+                    memory_gib=_memory_gib(model.device),
+                )
                 metrics["tokens_per_s"] = metrics.get("tokens", 0.0) / metrics["step_time_s"]
                 if step == 1 and "policy_ref_logp_diff" in metrics:
-                    logger.message(f"step 1: max |policy - reference| sequence log-prob = {metrics['policy_ref_logp_diff']:.3g}"
-                                   + (" (policy starts at the reference)" if not resumed and not cfg.reference.checkpoint else ""))
+                    logger.message(
+                        f"step 1: max |policy - reference| sequence log-prob = {metrics['policy_ref_logp_diff']:.3g}"
+                        + (" (policy starts at the reference)" if not resumed and not cfg.reference.checkpoint else "")
+                    )
                 if step % cfg.train.log_interval == 0 or step == self.total_steps:
                     self.log(logger, step, "train", metrics)
                 stops.record_step(time.perf_counter() - started)
@@ -153,7 +167,9 @@ class Trainer:
         if self.background is not None and self.background.poll() is not None:
             stops.record_save(self.background.last_duration_s)
 
-    def stop(self, logger: MetricsLogger, reason: str, step: int, consumed: int, skipped: int, *, stepped: bool) -> None:
+    def stop(
+        self, logger: MetricsLogger, reason: str, step: int, consumed: int, skipped: int, *, stepped: bool
+    ) -> None:
         """Save the last completed step (unless it is saved already) and raise TrainingStopped.
         A wall-clock budget too short for a single step is a config error: a requeued job would
         stop again at the same step, forever."""
@@ -163,9 +179,15 @@ class Trainer:
         if step > 0 and self.saved_step != step:
             self.save(step, consumed, skipped)
         checkpoint = None if self.saved_step is None else str(ckpt.step_dir(self.out / "checkpoints", self.saved_step))
-        logger.message(f"stopped after step {step} ({reason}): "
-                       + (f"checkpoint {checkpoint} ({time.perf_counter() - started:.1f} s)" if checkpoint else "nothing trained yet")
-                       + "; run the same command to resume")
+        logger.message(
+            f"stopped after step {step} ({reason}): "
+            + (
+                f"checkpoint {checkpoint} ({time.perf_counter() - started:.1f} s)"
+                if checkpoint
+                else "nothing trained yet"
+            )
+            + "; run the same command to resume"
+        )
         stopped = TrainingStopped(reason, step, checkpoint, self.records)
         write_run_status(stopped.status())
         # Every rank waits for the status: `srun --kill-on-bad-exit` ends the other nodes as soon
@@ -204,8 +226,10 @@ class Trainer:
             return model.from_last_stage(value)["nll"]
         if resumed_state is not None:
             if resumed_state.get("lm_documents") != self.lm_documents._fingerprint:
-                log.warning("eval.lm_data: the run started on other lm documents (eval.lm_data or lm_max_length changed): "
-                            "the starting policy's NLL on these is unknown, so lm/nll_ref and lm/nll_delta are not logged")
+                log.warning(
+                    "eval.lm_data: the run started on other lm documents (eval.lm_data or lm_max_length changed): "
+                    "the starting policy's NLL on these is unknown, so lm/nll_ref and lm/nll_delta are not logged"
+                )
                 return None
             return resumed_state.get("lm_nll_ref")
         return lm_nll(model, self.lm_documents)
@@ -246,7 +270,10 @@ class Trainer:
     def pair_lengths(self) -> list[int]:
         """Each training pair's longest row (for data.group_by_length)."""
         pairs = self.train_pairs
-        return [len(p) + max(len(c), len(r)) for p, c, r in zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"])]
+        return [
+            len(p) + max(len(c), len(r))
+            for p, c, r in zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"])
+        ]
 
     def log(self, logger: MetricsLogger, step: int, split: str, metrics: dict) -> None:
         """One record to every sink (rank 0 keeps it for the caller too)."""
@@ -265,9 +292,15 @@ class Trainer:
         background = self.background if in_background else None
         if self.background is not None and background is None:
             self.background.wait()
-        state = {"consumed_samples": consumed, "skipped_steps": skipped, "model": asdict(cfg.model),
-                 "tokenizer": _absolute_if_local(cfg.data.tokenizer), "train_config": asdict(cfg), "lm_nll_ref": self.lm_nll_ref,
-                 "lm_documents": None if self.lm_documents is None else self.lm_documents._fingerprint}
+        state = {
+            "consumed_samples": consumed,
+            "skipped_steps": skipped,
+            "model": asdict(cfg.model),
+            "tokenizer": _absolute_if_local(cfg.data.tokenizer),
+            "train_config": asdict(cfg),
+            "lm_nll_ref": self.lm_nll_ref,
+            "lm_documents": None if self.lm_documents is None else self.lm_documents._fingerprint,
+        }
         parts = ckpt.EVERYTHING
         if cfg.model.lora.enabled and cfg.checkpoint.load_weights:
             # The frozen base is already on disk: save the adapters, and which base they go with.
