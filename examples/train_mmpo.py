@@ -28,30 +28,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
-from mmpo_megatron.config import ConfigError, TrainConfig, register_hydra_schema  # noqa: E402
+from mmpo_megatron.config import ConfigError, register_hydra_schema, resolve_config  # noqa: E402
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 register_hydra_schema()
-
-
-def resolve_config(cfg: DictConfig) -> TrainConfig:
-    """The typed, validated TrainConfig; raises ConfigError naming the bad or missing key."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
-        missing = sorted(OmegaConf.missing_keys(merged))
-        if missing:
-            raise ConfigError(
-                f"{missing[0]}: required and not given" + (f" (also {', '.join(missing[1:])})" if missing[1:] else "")
-            )
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        cause = exc
-        while cause is not None and not isinstance(cause, ConfigError):  # ours, raised inside OmegaConf
-            cause = cause.__cause__ or cause.__context__
-        raise ConfigError(str(cause or exc).strip()) from None
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train_mmpo")

@@ -14,24 +14,21 @@ case ``-sc`` to the last bit: the rejected side then gets a gradient of exactly 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmpo_megatron.config import AUX_INPUTS, LOSSES, LossConfig
 from mmpo_megatron.pair_logprobs import PairLogProbs
 
-if TYPE_CHECKING:
-    from mmpo_megatron.config import LossConfig
-
 Metrics = dict[str, Tensor]
+ReducedLogProbs = tuple[Tensor, Tensor, "Tensor | None", "Tensor | None"]
+"""Per-pair sequence log-probs: policy chosen, policy rejected, reference chosen, reference rejected."""
 
 NORM_EPS = 1e-6
 """The additive constant of MMPO's min-max normalisation (docs/method.md step 2)."""
-
-AuxInput = Literal["score_margin", "dpo_margin"]
-
 
 def _check_pairs(*tensors: Tensor) -> None:
     shapes = {tuple(t.shape) for t in tensors}
@@ -76,7 +73,7 @@ def mmpo_loss(
     beta: float = 0.1,
     eps_chosen: float = 0.9,
     eps_rejected: float = 0.1,
-    aux_input: AuxInput = "score_margin",
+    aux_input: str = "score_margin",
     aux_weight: float = 1.0,
     normalize: bool = True,
     norm_min: Tensor | float | None = None,
@@ -89,8 +86,8 @@ def mmpo_loss(
     ``normalize=False`` is the scope ``none``: the prior rewards enter the scores unscaled.
     """
     _check_pairs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    if aux_input not in ("score_margin", "dpo_margin"):
-        raise ValueError(f"aux_input must be 'score_margin' or 'dpo_margin', got {aux_input!r}")
+    if aux_input not in AUX_INPUTS:
+        raise ValueError(f"aux_input must be one of {AUX_INPUTS}, got {aux_input!r}")
     if (norm_min is None) != (norm_max is None):
         raise ValueError("give both norm_min and norm_max, or neither")
 
@@ -210,42 +207,76 @@ def _implicit_reward_metrics(
         return _reward_metrics(beta * chosen_ratio, beta * rejected_ratio, chosen_logps, rejected_logps)
 
 
+Formula = Callable[
+    [LossConfig, ReducedLogProbs, "Tensor | float | None", "Tensor | float | None"], tuple[Tensor, Metrics]
+]
+"""A registered loss: its config, the reduced log-probs, and MMPO's step statistics (norm_min, norm_max)."""
+_FORMULAS: dict[str, Formula] = {}
+
+
+def formula_of(name: str) -> Callable[[Formula], Formula]:
+    """Register the formula of the loss ``name`` of config.LOSSES (its config fields to the loss's keywords)."""
+
+    def register(function: Formula) -> Formula:
+        if name not in LOSSES:
+            raise ValueError(f"{name!r} is not in mmpo_megatron.config.LOSSES; add its LossSpec there first")
+        _FORMULAS[name] = function
+        return function
+
+    return register
+
+
+@formula_of("mmpo")
+def _mmpo(config: LossConfig, logps: ReducedLogProbs, norm_min, norm_max) -> tuple[Tensor, Metrics]:
+    return mmpo_loss(
+        *logps,
+        beta=config.beta,
+        eps_chosen=config.eps_chosen,
+        eps_rejected=config.eps_rejected,
+        aux_input=config.aux_input,
+        aux_weight=config.aux_weight,
+        normalize=config.norm_scope != "none",
+        norm_min=norm_min,
+        norm_max=norm_max,
+    )
+
+
+@formula_of("dpo")
+def _dpo(config: LossConfig, logps: ReducedLogProbs, norm_min, norm_max) -> tuple[Tensor, Metrics]:
+    return dpo_loss(*logps, beta=config.beta, label_smoothing=config.label_smoothing)
+
+
+@formula_of("ipo")
+def _ipo(config: LossConfig, logps: ReducedLogProbs, norm_min, norm_max) -> tuple[Tensor, Metrics]:
+    return ipo_loss(*logps, beta=config.beta)
+
+
+@formula_of("simpo")
+def _simpo(config: LossConfig, logps: ReducedLogProbs, norm_min, norm_max) -> tuple[Tensor, Metrics]:
+    policy_chosen, policy_rejected, _, _ = logps
+    return simpo_loss(policy_chosen, policy_rejected, beta=config.beta, gamma=config.gamma)
+
+
+_UNIMPLEMENTED = set(LOSSES) - set(_FORMULAS)
+if _UNIMPLEMENTED:  # a LossSpec added to the registry without its formula: fail at import, not mid-run
+    raise ImportError(f"mmpo_megatron.losses has no formula for {sorted(_UNIMPLEMENTED)} of config.LOSSES")
+
+
 def preference_loss(
-    config: "LossConfig",
+    config: LossConfig,
     logps: PairLogProbs,
     *,
     norm_min: Tensor | float | None = None,
     norm_max: Tensor | float | None = None,
 ) -> tuple[Tensor, Metrics]:
     """Per-pair loss and metrics of the configured objective, plus the optional chosen-NLL term."""
-    if config.needs_reference and (logps.ref_chosen is None or logps.ref_rejected is None):
-        raise ValueError(f"loss {config.name!r} needs reference log-probs, none were given")
-    if config.name == "mmpo":
-        pc, pr, rc, rr = logps.reduced(config.logp_reduction)
-        loss, metrics = mmpo_loss(
-            pc,
-            pr,
-            rc,
-            rr,
-            beta=config.beta,
-            eps_chosen=config.eps_chosen,
-            eps_rejected=config.eps_rejected,
-            aux_input=config.aux_input,
-            aux_weight=config.aux_weight,
-            normalize=config.norm_scope != "none",
-            norm_min=norm_min,
-            norm_max=norm_max,
-        )
-    elif config.name == "dpo":
-        pc, pr, rc, rr = logps.reduced(config.logp_reduction)
-        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=config.beta, label_smoothing=config.label_smoothing)
-    elif config.name == "ipo":
-        loss, metrics = ipo_loss(*logps.reduced("mean"), beta=config.beta)
-    elif config.name == "simpo":
-        pc, pr, _, _ = logps.reduced("mean")
-        loss, metrics = simpo_loss(pc, pr, beta=config.beta, gamma=config.gamma)
-    else:  # LossConfig validates the name; this guards direct construction.
+    spec = LOSSES.get(config.name)
+    if spec is None:  # LossConfig validates the name; this guards direct construction.
         raise ValueError(f"unknown loss {config.name!r}")
+    if spec.needs_reference and (logps.ref_chosen is None or logps.ref_rejected is None):
+        raise ValueError(f"loss {config.name!r} needs reference log-probs, none were given")
+    reduced = logps.reduced(spec.fixed_reduction or config.logp_reduction)
+    loss, metrics = _FORMULAS[config.name](config, reduced, norm_min, norm_max)
 
     if config.nll_weight > 0:
         nll = logps.chosen_nll_per_token()  # the RPO-style auxiliary term

@@ -11,7 +11,7 @@ import torch
 from mmpo_megatron.losses import mmpo_loss, prior_rewards
 from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
 from mmpo_megatron.parallel.batch_stats import global_metric_means, global_valid_pairs, normalisation_stats
-from mmpo_megatron.parallel.testing import run_on_ranks
+from mmpo_megatron.parallel.local_ranks import run_on_ranks
 
 PAIRS, MICRO = 8, 2
 BETA = 0.1

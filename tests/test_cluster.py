@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mmpo_megatron.config import CheckpointConfig, ConfigError, TrainerConfig
-from mmpo_megatron.parallel.testing import run_on_ranks
+from mmpo_megatron.parallel.local_ranks import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -105,6 +105,7 @@ def train_command(run: Path, *extra: str, script: str = "examples/train_mmpo.py"
     return [TORCHRUN, "--nproc-per-node", "2", script, *DEMO, f"train.output_dir={run}", *extra]
 
 
+@pytest.mark.start_early(1)
 def test_a_kill_mid_write_then_a_preemption_lose_nothing_and_the_requeued_job_matches(tmp_path):
     """One run's life on a cluster, saving every 4 steps in the background (checkpoint.async_save).
 

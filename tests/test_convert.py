@@ -2,13 +2,13 @@
 on tiny random models built here from transformers configs."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from mmpo_megatron.parallel.testing import run_on_ranks, tool_main
+from mmpo_megatron.parallel.local_ranks import run_on_ranks
+from tool_runs import tool_main
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 300  # >= the embedded tokenizer's 263, so score_pairs can tokenise with it
@@ -124,6 +124,7 @@ def megatron_logits(root, names, tokens):
     return out
 
 
+@pytest.mark.start_early(7)
 def test_hf_to_megatron_logits_match_transformers_at_tp1_and_tp2_and_round_trip(hf_models):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -152,7 +153,6 @@ def score_and_train(root):
     """score_pairs on the converted llama3 checkpoint at PP=2; then 2 training steps at TP=2 from it."""
     import argparse
 
-    sys.path.insert(0, str(REPO / "tools"))
     from score_pairs import score_pairs
 
     from mmpo_megatron.config import (

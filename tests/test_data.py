@@ -25,7 +25,7 @@ from mmpo_megatron.data.packing import (
 from mmpo_megatron.data.pipeline import build_pairs, prepare_source
 from mmpo_megatron.data.sampling import PairSampler, eval_microbatches
 from mmpo_megatron.data.tokenizer import build_byte_tokenizer
-from mmpo_megatron.parallel.testing import tool_main
+from tool_runs import tool_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -405,7 +405,7 @@ def _packing_equivalence(seed):
 
 
 def test_packed_rows_give_the_same_sequence_logprobs_as_padded_rows():
-    from mmpo_megatron.parallel.testing import run_on_ranks
+    from mmpo_megatron.parallel.local_ranks import run_on_ranks
 
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     (result,) = run_on_ranks(_packing_equivalence, 1, seed)
@@ -495,7 +495,6 @@ def test_tokenisation_is_cached_across_runs(tmp_path, tok):
 
 
 def test_inspect_data_mixes_several_sources_and_says_what_each_gave(tmp_path, tok, capsys):
-    sys.path.insert(0, str(REPO / "tools"))
     import inspect_data
 
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "chosen": "x", "rejected": "y"} for i in range(10)])

@@ -25,7 +25,8 @@ from mmpo_megatron.config import (
     TrainConfig,
     TrainerConfig,
 )
-from mmpo_megatron.parallel.testing import run_on_ranks, tool_main
+from mmpo_megatron.parallel.local_ranks import run_on_ranks
+from tool_runs import tool_main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -45,14 +46,9 @@ NINE_HEADS = {"model_type": "llama", "hidden_size": 72, "intermediate_size": 96,
 
 def compose(*overrides, config_name="train_mmpo"):
     """The TrainConfig the entry script would build from these command-line overrides."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from mmpo_megatron.config import compose_config
 
-    sys.path.insert(0, str(REPO / "examples"))
-    from train_mmpo import resolve_config
-
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        return resolve_config(hydra_compose(config_name=config_name, overrides=list(overrides)))
+    return compose_config(config_name, overrides, CONFIGS)
 
 
 def write_hf_config(folder: Path, config: dict) -> Path:
@@ -96,8 +92,9 @@ def test_every_config_field_overrides_on_every_preset_and_is_type_checked():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    sys.path.insert(0, str(REPO / "examples"))
-    import train_mmpo  # noqa: F401  (registers the schema)
+    from mmpo_megatron.config import register_hydra_schema
+
+    register_hydra_schema()
 
     presets = [("model=tiny", "loss=mmpo"), ("model=llama3_8b", "loss=dpo"), ("model=smollm2_135m", "loss=simpo"),
                ("model=from_hf", "loss=ipo"), ("data=paper_mix", "parallel=llama3_8b_2x8")]
@@ -215,6 +212,7 @@ def entry_script(cases):
     return results
 
 
+@pytest.mark.start_early(4)
 @pytest.mark.xdist_group("many_ranks")  # one pytest worker: see Makefile
 def test_from_hf_nine_heads_trains_at_tp3_with_no_shape_keys(tmp_path):
     """SmolLM2's 9 heads / 3 KV heads: model=from_hf at TP=3 through torchrun, and data.max_length alone."""
@@ -250,7 +248,6 @@ def test_max_length_alone_works_everywhere(tmp_path):
     with pytest.raises(ConfigError, match=r"data.max_prompt_length: must be in \[1, max_length=256\), got 1800 "
                                           r"\(null lets it follow max_length\)"):
         compose("data.max_length=256", "data.max_prompt_length=1800")  # both given, and inconsistent
-    sys.path.insert(0, str(REPO / "tools"))
     import inspect_data
 
     path = tmp_path / "long.jsonl"
@@ -304,7 +301,6 @@ def score_and_narrow(root, pairs):
     import contextlib
     import io
 
-    sys.path.insert(0, str(REPO / "tools"))
     import score_pairs
 
     from mmpo_megatron.convert import convert_megatron_to_hf
@@ -328,6 +324,7 @@ def score_and_narrow(root, pairs):
     return out
 
 
+@pytest.mark.start_early(5)
 def test_fp32_run_exported_and_reimported_with_default_flags_scores_like_the_trained_checkpoint(tmp_path):
     run_on_ranks(train, 1, small_config(tmp_path / "run", steps=3))
     # The converters as a user runs them: subprocesses, default flags, exit codes.

@@ -9,7 +9,7 @@ import torch
 
 from mmpo_megatron.logprobs import output_layer_logprobs, sequence_logprobs, token_logprobs
 from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
-from mmpo_megatron.parallel.testing import run_on_ranks
+from mmpo_megatron.parallel.local_ranks import run_on_ranks
 
 VOCAB = 96
 BATCH, SEQ = 3, 11

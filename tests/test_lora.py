@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mmpo_megatron.config import CheckpointConfig, LoraConfig, OptimConfig, ReferenceConfig, TrainerConfig
-from mmpo_megatron.parallel.testing import run_on_ranks
+from mmpo_megatron.parallel.local_ranks import run_on_ranks
 from run_folders import seed_run_folder
 
 VOCAB = 300  # >= the embedded tokenizer's 263 tokens
@@ -408,8 +408,8 @@ def export_cases(root):
     from mmpo_megatron.model.builder import build_model_chunks
     from mmpo_megatron.model.checkpoint import load_weights
     from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
-    from mmpo_megatron.parallel.testing import tool_main
     from mmpo_megatron.train.trainer import run_training
+    from tool_runs import tool_main
 
     root = Path(root)
     run_training(lora_train_config(root, "export_run", 1, 1, steps=2, optim=OptimConfig(lr=1e-2, warmup_ratio=0.0)))
@@ -454,18 +454,15 @@ def ours_and_trl(root, pairs_file):
     """Three DPO steps on the same 8 pairs (each step the whole set), the same base and the same PEFT
     adapter: our trainer (reference.mode=auto: with init_from, the starting policy, precomputed) and
     TRL's DPOTrainer on a PeftModel (its reference: a frozen copy of the starting adapter)."""
-    import sys
 
     import datasets
+    from benchmark import import_trl
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from mmpo_megatron.config import DataSourceConfig, LossConfig
     from mmpo_megatron.data.tokenizer import build_byte_tokenizer
     from mmpo_megatron.train.trainer import run_training
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    from benchmark import import_trl
 
     root = Path(root)
     optim = OptimConfig(lr=1e-3, warmup_ratio=0.0, decay_style="constant", clip_grad=1.0, adam_eps=1e-8)
@@ -515,9 +512,7 @@ def ours_and_trl(root, pairs_file):
 def test_lora_dpo_matches_trl_with_the_same_peft_adapter(peft_setup, tmp_path):
     """Per step: loss, log-probs and rewards within 1e-6 (relative) of TRL's."""
     import random
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     from benchmark import text_pairs
 
     root, _ = peft_setup
@@ -546,9 +541,7 @@ def test_lora_dpo_matches_trl_with_the_same_peft_adapter(peft_setup, tmp_path):
 def test_lora_settings_are_checked_before_any_work(peft_setup):
     """Bad LoRA settings fail at composition or in preflight, naming the key; the Hydra command
     line reaches model.lora on any preset."""
-    import sys
 
-    from hydra import compose, initialize_config_dir
 
     from mmpo_megatron.config import ConfigError, ModelConfig, TrainConfig
     from mmpo_megatron.train.preflight import preflight
@@ -582,14 +575,12 @@ def test_lora_settings_are_checked_before_any_work(peft_setup):
     with pytest.raises(ConfigError, match="model.lora.init_from: .* has no adapter_config.json"):
         preflight(missing, world_size=1)
     repo = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(repo / "examples"))
-    from train_mmpo import resolve_config
+    from mmpo_megatron.config import compose_config
 
-    with initialize_config_dir(config_dir=str(repo / "configs"), version_base=None):
-        cfg = resolve_config(compose(config_name="train_mmpo", overrides=[
-            "model.lora.rank=16", "model.lora.target_modules=[linear_qkv,o_proj]", "model.lora.alpha=32"]))
+    cfg = compose_config("train_mmpo", [
+        "model.lora.rank=16", "model.lora.target_modules=[linear_qkv,o_proj]", "model.lora.alpha=32"], repo / "configs")
     assert cfg.model.lora.projections == ("q_proj", "k_proj", "v_proj", "o_proj") and cfg.model.lora.scale == 2.0
-    assert cfg.reference.mode == "adapters_off"  # auto, with fresh adapters
+    assert cfg.reference.mode == "auto" and cfg.reference_mode == "adapters_off"  # fresh adapters
 
 
 def dropout_recompute_and_reshard(root):

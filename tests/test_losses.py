@@ -250,3 +250,28 @@ def test_config_errors_name_the_field():
 def test_mismatched_shapes_raise():
     with pytest.raises(ValueError, match="1-D and of equal length"):
         dpo_loss(torch.zeros(3), torch.zeros(2), torch.zeros(3), torch.zeros(3))
+
+
+def test_the_loss_registry_is_the_one_list_of_losses():
+    """config.LOSSES names every loss once: each has a formula, a config group that composes to it,
+    a row in the README's loss table, and the objective its LossSpec asks for; a formula for a name
+    outside the registry is refused."""
+    from pathlib import Path
+
+    from mmpo_megatron.config import LOSS_NAMES, LOSSES
+    from mmpo_megatron.losses import formula_of
+    from mmpo_megatron.model.objective import MMPOObjective, objective_for
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    assert LOSS_NAMES == tuple(LOSSES) == ("mmpo", "dpo", "ipo", "simpo")
+    assert sorted(p.stem for p in (repo / "configs" / "loss").glob("*.yaml")) == sorted(LOSSES)
+    for name, spec in LOSSES.items():
+        assert f"name: {name}" in (repo / "configs" / "loss" / f"{name}.yaml").read_text()
+        assert f"| `{name}_loss` |" in readme
+        assert isinstance(objective_for(LossConfig(name=name)), MMPOObjective) == spec.step_statistics
+        assert LossConfig(name=name).needs_reference == spec.needs_reference
+    with pytest.raises(ConfigError, match="loss.name: must be one of"):
+        LossConfig(name="kto")
+    with pytest.raises(ValueError, match="'kto' is not in mmpo_megatron.config.LOSSES"):
+        formula_of("kto")(lambda *args: None)

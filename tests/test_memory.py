@@ -5,17 +5,12 @@ the number of tokens, while the unfused path's peak grows with tokens x vocab.
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
-
-from mmpo_megatron.memory import track_peak_memory
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
 from logprob_memory import main as logprob_memory_main  # noqa: E402
 from logprob_memory import measure
+
+from mmpo_megatron.memory import track_peak_memory
 
 HIDDEN, VOCAB, CHUNK = 32, 4000, 64
 

@@ -2,7 +2,6 @@
 training step on CPU, and the plan answers the cluster questions it is for."""
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ from mmpo_megatron.config import ModelConfig
 from mmpo_megatron.model.memory_plan import Layout, Workload, candidate_layouts, estimate, plan
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 
 import plan_layout  # noqa: E402
 

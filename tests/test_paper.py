@@ -23,7 +23,7 @@ from mmpo_megatron.config import (
     TrainConfig,
     TrainerConfig,
 )
-from mmpo_megatron.parallel.testing import run_on_ranks
+from mmpo_megatron.parallel.local_ranks import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 300
@@ -199,7 +199,7 @@ def export_after_training(root, source, name, load):
     the converter's default flags."""
     from mmpo_megatron.convert import convert_hf_to_megatron
     from mmpo_megatron.parallel import destroy_parallel
-    from mmpo_megatron.parallel.testing import tool_main
+    from tool_runs import tool_main
 
     root = Path(root)
     if load:
@@ -283,7 +283,7 @@ def test_an_exported_model_generates_and_stops_at_the_source_models_end_of_turn(
 def test_generations_for_alpaca_eval_from_a_checkpoint_and_from_an_hf_folder(tiny_hf, tmp_path):
     """tools/generate.py writes AlpacaEval's model-outputs format; a megatron checkpoint (exported on
     the fly) and the HF folder it came from generate the same text with the same seed."""
-    from mmpo_megatron.parallel.testing import tool_main
+    from tool_runs import tool_main
 
     root = tiny_hf
     prompts = tmp_path / "alpaca.json"
@@ -339,7 +339,7 @@ def test_one_reference_cache_serves_the_sweep_and_compare_runs_tabulates_and_plo
     """The reference cache key holds no loss or beta: DPO at beta 0.5 reuses what MMPO at 0.1
     precomputed (no new or rewritten file; DPO starts at ln 2). tools/compare_runs.py then gives one
     row per run and a PNG."""
-    from mmpo_megatron.parallel.testing import tool_main
+    from tool_runs import tool_main
 
     root = tiny_hf
     runs, files = run_on_ranks(sweep_runs, 1, str(root))[0]

@@ -8,7 +8,7 @@ import torch
 from mmpo_megatron.config import ConfigError, ParallelConfig
 from mmpo_megatron.logprobs import sequence_logprobs
 from mmpo_megatron.parallel import current_layout, destroy_parallel, initialize_parallel
-from mmpo_megatron.parallel.testing import run_on_ranks
+from mmpo_megatron.parallel.local_ranks import run_on_ranks
 
 VOCAB, SEQ, BATCH = 64, 12, 3
 
@@ -140,25 +140,26 @@ def rank_one_raises():
 
 
 def test_run_on_ranks_stops_a_deadlock_and_names_the_stuck_rank(monkeypatch):
-    from mmpo_megatron.parallel import testing
+    from mmpo_megatron.parallel import local_ranks
 
-    monkeypatch.setattr(testing, "_POOL", None)  # the shared pool comes back at teardown
+    monkeypatch.setattr(local_ranks, "_POOL", None)  # the shared pool comes back at teardown
     try:
-        _deadlock_and_failure_checks(monkeypatch, testing)
+        _deadlock_and_failure_checks(monkeypatch, local_ranks)
     finally:
-        if testing._POOL is not None:
-            testing._POOL.close()
+        if local_ranks._POOL is not None:
+            local_ranks._POOL.close()
 
 
-def _deadlock_and_failure_checks(monkeypatch, testing):
+def _deadlock_and_failure_checks(monkeypatch, local_ranks):
     with pytest.raises(
-        testing.RanksTimedOut, match=r"rank_one_waits_forever: rank\(s\) \[0, 1\] still running after 4 s"
+        local_ranks.RanksTimedOut, match=r"rank_one_waits_forever: rank\(s\) \[0, 1\] still running after 4 s"
     ):
         run_on_ranks(rank_one_waits_forever, 2, timeout=4)
     # A rank that raises fails the call with its traceback; the rank left in the barrier is stopped.
-    monkeypatch.setattr(testing, "FAILURE_GRACE_S", 2.0)
+    monkeypatch.setattr(local_ranks, "FAILURE_GRACE_S", 2.0)
     started = __import__("time").monotonic()
-    with pytest.raises(testing.RankFailed, match=r"(?s)rank_one_raises failed on rank 1.*ValueError: boom on rank 1"):
+    failed = r"(?s)rank_one_raises failed on rank 1.*ValueError: boom on rank 1"
+    with pytest.raises(local_ranks.RankFailed, match=failed):
         run_on_ranks(rank_one_raises, 2)
     assert __import__("time").monotonic() - started < 60
     # The pool is replaced and works again.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mmpo_megatron.parallel.testing import run_on_ranks
+from mmpo_megatron.parallel.local_ranks import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "mmpo_megatron"

@@ -5,7 +5,6 @@ non-finite steps are skipped, and the demo learns."""
 import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from mmpo_megatron.config import (
     TrainerConfig,
     validate_layout,
 )
-from mmpo_megatron.parallel.testing import run_on_ranks
+from mmpo_megatron.parallel.local_ranks import run_on_ranks
 from run_folders import seed_run_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,6 +222,7 @@ def saved_dtypes(root, names):
     return {name: saved_weight_dtype(latest_checkpoint(Path(root) / name / "checkpoints")) for name in names}
 
 
+@pytest.mark.start_early(2)
 @pytest.mark.xdist_group("many_ranks")  # one pytest worker: see Makefile
 def test_two_steps_match_single_process_at_every_layout(tmp_path):
     """Loss and metrics of both steps, and every weight after step 2 (resharded to TP=1), equal the
@@ -398,7 +398,6 @@ def test_interrupted_save_leaves_previous_checkpoint_newest(tmp_path):
 def reference_modes_and_scores(root):
     import argparse
 
-    sys.path.insert(0, str(REPO / "tools"))
     from score_pairs import score_pairs
 
     root = Path(root)
@@ -465,7 +464,6 @@ def reference_modes_and_scores(root):
 def score_tp1(root):
     import argparse
 
-    sys.path.insert(0, str(REPO / "tools"))
     from score_pairs import score_pairs
 
     args = argparse.Namespace(checkpoint=str(Path(root) / "precompute"), reference=str(Path(root) / "other_ref"),
@@ -478,6 +476,7 @@ def score_tp1(root):
 REFERENCE_MODES = ("precompute", "resident", "cpu_swap")
 
 
+@pytest.mark.start_early(6)
 def test_reference_modes_agree_and_tp2_checkpoint_scores_equally_at_tp1(tmp_path):
     """precompute, resident and cpu_swap give the same reference log-probs (the implicit rewards
     beta * (policy - reference) once the policy has moved) and training metrics, at TP=2 and PP=2."""
@@ -657,9 +656,9 @@ def test_config_errors_name_the_field_before_heavy_work():
         r"pipeline \(parallel.virtual_pipeline\) needs a multiple of pipeline_parallel=2",
     ):
         cfg.validate_for_world(2)
-    sys.path.insert(0, str(REPO / "examples"))
     from omegaconf import OmegaConf
-    from train_mmpo import resolve_config
+
+    from mmpo_megatron.config import resolve_config
 
     with pytest.raises(ConfigError, match="lossy"):
         resolve_config(OmegaConf.create({"lossy": 1}))
@@ -766,18 +765,16 @@ def run_demo(out):
     pooled rank at TP=1: the same data, steps and figures as `make demo` (its TP=2 computes the same
     numbers, which the layout tests check), at a third of the CPU time. The entry script under
     torchrun is exercised by test_defaults' TP=3 run."""
-    from hydra import compose, initialize_config_dir
+    from mmpo_megatron.config import compose_config
 
-    sys.path.insert(0, str(REPO / "examples"))
-    from train_mmpo import resolve_config
-
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        # Its assertions need the first and the last evaluation only.
-        cfg = resolve_config(compose(config_name="train_demo", overrides=[
-            "parallel=single", "logging.progress_bar=false", "train.eval_interval=125", f"train.output_dir={out}"]))
+    # Its assertions need the first and the last evaluation only.
+    cfg = compose_config("train_demo", [
+        "parallel=single", "logging.progress_bar=false", "train.eval_interval=125", f"train.output_dir={out}"],
+        REPO / "configs")
     return train_records(cfg)
 
 
+@pytest.mark.start_early(3)
 def test_demo_held_out_reward_accuracy_rises(tmp_path):
     """The README's demo: held-out reward accuracy ends clearly above its start."""
     run_on_ranks(run_demo, 1, str(tmp_path))
@@ -935,6 +932,7 @@ def fused_or_not(root, chunk, dtype="fp32"):
     return train_records(cfg)
 
 
+@pytest.mark.start_early(10)
 def test_fused_chunked_output_layer_and_bf16_train_like_full_fp32_logits(tmp_path):
     full = run_on_ranks(fused_or_not, 2, str(tmp_path), 0)[0]
     fused = run_on_ranks(fused_or_not, 2, str(tmp_path), 5)[0]  # 5-token chunks: many chunks, a remainder
@@ -1024,6 +1022,7 @@ def test_default_pack_length_puts_a_micro_batch_in_one_row_only_where_packed_att
 # The PP=2 case runs the fused head (completion tokens gathered out of packed rows) under full
 # recompute; TP=2 x PP=2 packs as THD under both (sequence-parallel pipeline shapes of
 # [1, rows x length]); DP=2 packs each rank's own micro-batches under selective recompute.
+@pytest.mark.start_early(9)
 @pytest.mark.parametrize("world,tp,pp,spec,chunk,recompute", [
     (2, 2, 1, "local", 0, "none"), (2, 1, 2, "local_sdpa", 5, "full"),
     pytest.param(4, 2, 2, "thd", 5, "none", marks=pytest.mark.xdist_group("many_ranks")),

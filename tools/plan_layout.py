@@ -211,7 +211,7 @@ def check(layouts=CHECK_LAYOUTS, model_fields=CHECK_MODEL, work=CHECK_WORK, voca
     """Predicted vs measured per-rank memory (the most loaded rank) at each layout, on CPU. A layout
     entry may carry its own Workload as a fourth item (a LoRA row)."""
     from mmpo_megatron.config import ModelConfig
-    from mmpo_megatron.parallel.testing import run_on_ranks
+    from mmpo_megatron.parallel.local_ranks import run_on_ranks
 
     rows = []
     for world, layout, spec, *own in layouts:

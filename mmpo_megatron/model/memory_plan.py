@@ -99,7 +99,7 @@ class Workload:
     def of(cls, cfg: TrainConfig) -> "Workload":
         """What a training config feeds the model (bf16 unless it asks for fp32)."""
         return cls(cfg.train.micro_batch_size, cfg.data.max_length, cfg.train.global_batch_size,
-                   "fp32" if cfg.precision.dtype == "fp32" else "bf16", cfg.reference.mode,
+                   "fp32" if cfg.precision.dtype == "fp32" else "bf16", cfg.reference_mode,
                    cfg.model.fused_logprob_chunk, cfg.optim.distributed_optimizer, cfg.model.lora.rank,
                    cfg.model.lora.projections if cfg.model.lora.enabled else LORA_PROJECTIONS, cfg.model.lora.dropout)
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from torch import Tensor
 
-from mmpo_megatron.config import LossConfig
+from mmpo_megatron.config import LOSSES, LossConfig
 from mmpo_megatron.losses import Metrics, preference_loss, prior_rewards
 from mmpo_megatron.pair_logprobs import PairLogProbs
 
@@ -74,9 +74,7 @@ class MMPOObjective(Objective):
         return preference_loss(self.config, logps, norm_min=micro.norm_min, norm_max=micro.norm_max)
 
 
-_OBJECTIVES = {"mmpo": MMPOObjective, "dpo": Objective, "ipo": Objective, "simpo": Objective}
-
-
 def objective_for(config: LossConfig) -> Objective:
-    """The objective of a loss config."""
-    return _OBJECTIVES[config.name](config)
+    """The objective of a loss config: with the step's statistics where its LossSpec needs them."""
+    needs_statistics = LOSSES[config.name].step_statistics
+    return MMPOObjective(config) if needs_statistics else Objective(config)

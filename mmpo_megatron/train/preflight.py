@@ -9,6 +9,7 @@ and fails with one ``config error:`` line that names the key.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 from mmpo_megatron.config import ConfigError, ModelConfig, TrainConfig, padded_vocab_size
@@ -61,12 +62,17 @@ def preflight(cfg: TrainConfig, world_size: int) -> TrainConfig:
 
     if cfg.model.from_hf:
         cfg.model = model_from_hf(cfg.model)
+    if cfg.reference.mode != cfg.reference_mode:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"reference.mode: {cfg.reference_mode} (from {cfg.reference.mode}: {reference_reason(cfg)})",
+                  flush=True)
+        cfg.reference.mode = cfg.reference_mode
     if cfg.model.lora.enabled and cfg.model.lora.init_from:
         from mmpo_megatron.model.lora import check_peft_adapter, read_peft_adapter
 
         check_peft_adapter(cfg.model.lora, read_peft_adapter(cfg.model.lora.init_from)[0])
     if (
-        cfg.reference.mode == "adapters_off"
+        cfg.reference_mode == "adapters_off"
         and cfg.checkpoint.load_weights
         and holds_adapters(cfg.checkpoint.load_weights)
     ):
@@ -83,6 +89,15 @@ def preflight(cfg: TrainConfig, world_size: int) -> TrainConfig:
     padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel)
     check_lm_documents_fit(cfg, device)
     return cfg
+
+
+def reference_reason(cfg: TrainConfig) -> str:
+    """Why ``reference.mode`` resolves as it does, for the run's log."""
+    if not cfg.loss.needs_reference:
+        return f"loss {cfg.loss.name} reads no reference"
+    if cfg.reference_mode == "adapters_off":
+        return "fresh LoRA adapters start at the base, which is the reference with the adapters off"
+    return "the starting policy's log-probs, scored once before training"
 
 
 def check_lm_documents_fit(cfg: TrainConfig, device: str) -> None:

@@ -151,7 +151,7 @@ def build_reference(cfg: TrainConfig, model: MegatronPreferenceModel, train_pair
         return None
     use_policy = policy_is_initial and cfg.reference.checkpoint is None
     source = cfg.reference.checkpoint or cfg.checkpoint.load_weights
-    mode = cfg.reference.mode
+    mode = cfg.reference_mode
     if mode == "adapters_off":
         return AdaptersOffReference()
     if mode == "resident":

@@ -1,10 +1,11 @@
-"""Run a function on N local gloo processes and collect what each rank returns (for tests).
+"""Run a function on N local gloo processes and collect what each rank returns: the test suite's
+ranks, and tools/plan_layout.py's measurements.
 
-Start-up (interpreter, torch and megatron imports: ~4-5 s a process, ~10 s for four on two cores)
-dominated the suite, so the processes are pooled: one pool per test process, grown to the largest
-world size asked for and kept for the session; a task on N ranks runs on the pool's first N
-processes (the rest wait). After each task every process group is destroyed; the next task
-creates its own on a fresh port, at any layout and world size.
+A process's start-up (interpreter, torch and megatron imports) costs seconds, so the processes are
+pooled: one pool per calling process, grown to the largest world size asked for and kept until
+it exits; a task on N ranks runs on the pool's first N processes (the rest wait). After each task
+every process group is destroyed; the next task creates its own on a fresh port, at any layout and
+world size.
 
 A task that deadlocks would otherwise wait for gloo's own timeout (30 minutes): after ``timeout``
 seconds the ranks still running print their Python stacks, are stopped and named
@@ -33,7 +34,7 @@ import torch.multiprocessing as mp
 from mmpo_megatron.parallel.runtime import destroy_parallel, free_port
 
 DEFAULT_TIMEOUT_S = 420.0
-"""Longer than any multi-rank task of the suite takes on the 2-core CI machine (the longest ~70 s)."""
+"""Well above any multi-rank task of the test suite on a 2-core machine."""
 
 FAILURE_GRACE_S = 15.0
 """After one rank fails, how long the others get to finish before they count as stuck in a collective."""
@@ -263,38 +264,3 @@ def _run_fresh(fn: Callable[..., Any], world_size: int, args: tuple, kwargs: dic
                 _print_stacks_then_kill(context.processes, stuck)
                 raise _timed_out(fn, stuck, f"still running after {timeout:.0f} s")
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
-
-
-def tool_main(script: str, argvs: list[list[str]]) -> list[tuple[int, str, str]]:
-    """Run a command-line script's ``main(argv)`` here once per argv, as its ``sys.exit(main())``
-    line would (exit code, stdout, stderr): the tool's own argument parser and exit codes without
-    an interpreter start-up each. Meant for pooled ranks (``run_on_ranks(tool_main, 1, ...)``)."""
-    import contextlib
-    import importlib.util
-    import io
-
-    path = Path(script)
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    saved = {key: os.environ.get(key) for key in ("MMPO_NO_PROGRESS",)}
-    os.environ["MMPO_NO_PROGRESS"] = "1"
-    results = []
-    try:
-        for argv in argvs:
-            out, err = io.StringIO(), io.StringIO()
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                try:
-                    code = module.main(list(argv))
-                except SystemExit as exc:
-                    code = exc.code if isinstance(exc.code, int) else 1
-            results.append((code, out.getvalue(), err.getvalue()))
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    return results
-
