@@ -303,3 +303,22 @@ def test_from_hf_takes_the_shape_and_keeps_our_own_knobs(hf_models):
         assert (got.from_hf, got.layer_spec, got.make_vocab_size_divisible_by, got.fused_logprob_chunk) == (
             folder, "local_sdpa", 16, chunk)
         assert (got.num_layers, got.hidden_size) == (hf["num_hidden_layers"], hf["hidden_size"])
+
+
+def test_table_layouts_name_their_parts_and_a_row_must_match_them():
+    """Stacked splits by its named parts (not a fixed two); a row naming another count of HF
+    tensors than its layout takes is refused when the table is written."""
+    import torch
+
+    from mmpo_megatron.config import ModelConfig
+    from mmpo_megatron.convert.llama import LLAMA_TABLE, GroupedQKV, Row, Stacked
+
+    three = [torch.randn(4, 6) for _ in range(3)]
+    stacked = Stacked("a", "b", "c")
+    back = stacked.to_hf(stacked.to_megatron(three, ModelConfig(), 0), ModelConfig())
+    assert len(back) == 3 and all(torch.equal(x, y) for x, y in zip(back, three))
+    assert all(len(row.hf) == len(row.layout.parts) for row in LLAMA_TABLE)
+    with pytest.raises(ValueError, match=r"linear_fc1.weight: Stacked takes 2 HF tensors \('gate', 'up'\)"):
+        Row("decoder.layers.{i}.mlp.linear_fc1.weight", ("gate_proj.weight",), Stacked("gate", "up"))
+    with pytest.raises(ValueError, match="GroupedQKV takes 3"):
+        Row("qkv", ("q", "k"), GroupedQKV())

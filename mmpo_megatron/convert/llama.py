@@ -121,8 +121,11 @@ def hf_config_from_model(
 # and the tensor count are read off this table.
 
 
-class Same:
-    """One HF tensor is the megatron tensor."""
+class TensorLayout:
+    """How a row's HF tensors make its megatron tensor. This base: one HF tensor is the megatron
+    tensor. ``parts`` names the HF tensors a layout takes, in the row's HF-name order."""
+
+    parts: tuple[str, ...] = ("tensor",)
 
     def to_megatron(self, hf: list[Tensor], model: ModelConfig, padded_vocab: int) -> Tensor:
         """The megatron tensor from its HF tensors."""
@@ -133,7 +136,7 @@ class Same:
         return [tensor]
 
 
-class VocabRows(Same):
+class VocabRows(TensorLayout):
     """Embedding / output rows: zero rows pad the vocabulary to the padded size; export drops them."""
 
     def to_megatron(self, hf: list[Tensor], model: ModelConfig, padded_vocab: int) -> Tensor:
@@ -148,8 +151,10 @@ class VocabRows(Same):
         return [tensor[: model.vocab_size]]
 
 
-class GroupedQKV(Same):
+class GroupedQKV(TensorLayout):
     """q, k, v as one matrix grouped per query group: ``[q (heads/groups * d), k (d), v (d)]`` per group."""
+
+    parts = ("q", "k", "v")
 
     @staticmethod
     def _sizes(model: ModelConfig) -> tuple[int, int, int]:
@@ -172,16 +177,22 @@ class GroupedQKV(Same):
         return [q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)]
 
 
-class Stacked(Same):
-    """Several HF matrices stacked along the output rows (SwiGLU's ``[gate; up]``)."""
+class Stacked(TensorLayout):
+    """HF matrices of equal shape stacked along the output rows, in ``parts`` order (SwiGLU's
+    ``Stacked("gate", "up")``: megatron's linear_fc1 is ``[gate; up]``)."""
+
+    def __init__(self, *parts: str) -> None:
+        if len(parts) < 2:
+            raise ValueError(f"Stacked needs two or more parts, got {parts}")
+        self.parts = parts
 
     def to_megatron(self, hf: list[Tensor], model: ModelConfig, padded_vocab: int) -> Tensor:
         """The HF matrices one under another."""
         return torch.cat(hf)
 
     def to_hf(self, tensor: Tensor, model: ModelConfig) -> list[Tensor]:
-        """Equal row blocks, one per HF matrix (gate, up)."""
-        return list(torch.chunk(tensor, 2, dim=0))
+        """Equal row blocks, one per part."""
+        return list(torch.chunk(tensor, len(self.parts), dim=0))
 
 
 @dataclass(frozen=True)
@@ -190,8 +201,13 @@ class Row:
 
     megatron: str
     hf: tuple[str, ...]
-    layout: Same = Same()
+    layout: TensorLayout = TensorLayout()
     only_if: str | None = None  # a ModelConfig feature (a key of FEATURES) the parameter exists under
+
+    def __post_init__(self) -> None:
+        if len(self.hf) != len(self.layout.parts):
+            raise ValueError(f"{self.megatron}: {type(self.layout).__name__} takes {len(self.layout.parts)} HF "
+                             f"tensors {self.layout.parts}, the row names {len(self.hf)}: {self.hf}")
 
 
 FEATURES = {
@@ -213,14 +229,16 @@ LLAMA_TABLE: tuple[Row, ...] = (
     Row("decoder.layers.{i}.self_attention.linear_proj.weight", (_ATTN + "o_proj.weight",)),
     Row("decoder.layers.{i}.pre_mlp_layernorm.weight", (_LAYER + "post_attention_layernorm.weight",)),
     Row("decoder.layers.{i}.mlp.linear_fc1.weight",
-        (_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight"), Stacked()),
+        (_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight"), Stacked("gate", "up")),
     Row("decoder.layers.{i}.mlp.linear_fc2.weight", (_LAYER + "mlp.down_proj.weight",)),
     Row("decoder.final_layernorm.weight", ("model.norm.weight",)),
     Row("output_layer.weight", ("lm_head.weight",), VocabRows(), only_if="untied_output"),
 )
 
 
-def mapping(model: ModelConfig, table: tuple[Row, ...] = LLAMA_TABLE) -> Iterator[tuple[str, tuple[str, ...], Same]]:
+def mapping(
+    model: ModelConfig, table: tuple[Row, ...] = LLAMA_TABLE
+) -> Iterator[tuple[str, tuple[str, ...], TensorLayout]]:
     """The table expanded for one model: (megatron name, HF names, layout) per parameter, in model order."""
     present = [row for row in table if row.only_if is None or FEATURES[row.only_if](model)]
     layer_rows = [row for row in present if "{i}" in row.megatron]

@@ -136,7 +136,7 @@ class MegatronPreferenceModel:
         """Where reference log-probs come from (None: the objective needs none)."""
         self.reference = reference
 
-    def reference_logps(self, micro_batches: Sequence[MicroBatch]) -> None:
+    def fill_reference_logps(self, micro_batches: Sequence[MicroBatch]) -> None:
         """Fill in the reference log-probs of the micro-batches (last stage), if the objective needs them."""
         if self.objective.needs_reference:
             if self.reference is None:
@@ -147,12 +147,12 @@ class MegatronPreferenceModel:
     def loss_and_metrics(self, micro_batches: Sequence[MicroBatch], forward_only: bool = False) -> dict[str, float]:
         """The objective over one step's micro-batches through megatron's schedule (forward and
         backward unless ``forward_only``); metrics reduced over the global batch, on every rank.
-        Reference log-probs must be filled in (reference_logps)."""
+        Reference log-probs must be filled in (fill_reference_logps)."""
         if self.last_stage:
             self.objective.prepare_step(micro_batches, self.dp_group)
         per_micro = train_microbatches(self.chunks, micro_batches, self.objective, self.head_and_mask,
                                        forward_only=forward_only)
-        return self.from_last_stage(reduce_metric_sums(per_micro, self.dp_group) if self.last_stage else None)
+        return self.broadcast_from_last_stage(reduce_metric_sums(per_micro, self.dp_group) if self.last_stage else None)
 
     def check_packing(self, micro_batches: Sequence[MicroBatch]) -> float:
         """Score packed micro-batches packed and again padded (one extra forward of each); raise a
@@ -163,15 +163,15 @@ class MegatronPreferenceModel:
         with self.updated_weights():
             packed_scores = score_microbatches(self.chunks, micro_batches, self.head_and_mask)
             padded_scores = score_microbatches(self.chunks, padded, self.head_and_mask)
-        worst = None
+        last_stage_gap = None  # the metrics dict broadcast_from_last_stage sends to every stage
         if self.last_stage:
             gaps = []
             for micro, (_, packed), (_, unpacked) in zip(micro_batches, packed_scores, padded_scores):
                 valid = micro.batch.pair_valid
                 gaps += [(a - b).abs()[valid] for a, b in zip(packed.reduced("mean")[:2], unpacked.reduced("mean")[:2])]
             gaps = torch.cat(gaps)
-            worst = {"gap": float(gaps.max()) if gaps.numel() else 0.0}
-        worst = self.from_last_stage(worst)["gap"]
+            last_stage_gap = {"gap": float(gaps.max()) if gaps.numel() else 0.0}
+        worst = self.broadcast_from_last_stage(last_stage_gap)["gap"]
         dtype = next(unwrap(self.chunks[0]).parameters()).dtype
         tolerance = PACKING_TOLERANCE.get(dtype, PACKING_TOLERANCE[torch.bfloat16])
         if not worst <= tolerance:
@@ -195,7 +195,7 @@ class MegatronPreferenceModel:
             # Once per model, the first packed step; an interleaved pipeline runs PP micro-batches at least.
             self.check_packing(micro_batches[: microbatch_multiple(self.chunks)])
             self._packing_checked = True
-        self.reference_logps(micro_batches)
+        self.fill_reference_logps(micro_batches)
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -238,7 +238,7 @@ class MegatronPreferenceModel:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
-    def from_last_stage(self, metrics: dict | None) -> dict:
+    def broadcast_from_last_stage(self, metrics: dict | None) -> dict:
         """Metrics computed on the last pipeline stage, made known to every stage."""
         from megatron.core import parallel_state as ps
 

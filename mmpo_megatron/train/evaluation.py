@@ -26,7 +26,7 @@ def evaluate(
         metrics = {"loss": per_pair_loss.mean().item(), **{k: v.mean().item() for k, v in per_pair.items()}}
         metrics["nll/chosen_per_token"] = logps.chosen_nll_per_token().mean().item()
         metrics["pairs"] = float(len(pairs))
-    return model.from_last_stage(metrics)
+    return model.broadcast_from_last_stage(metrics)
 
 
 def lm_nll(model: MegatronPreferenceModel, documents) -> float:
@@ -35,4 +35,4 @@ def lm_nll(model: MegatronPreferenceModel, documents) -> float:
     value = None
     if model.last_stage:
         value = {"nll": float(-scores.chosen.double().sum() / scores.chosen_tokens.sum().clamp(min=1))}
-    return model.from_last_stage(value)["nll"]
+    return model.broadcast_from_last_stage(value)["nll"]

@@ -223,7 +223,7 @@ class Trainer:
             value = None
             if model.last_stage:
                 value = {"nll": float(-scores.chosen.double().sum() / scores.chosen_tokens.sum().clamp(min=1))}
-            return model.from_last_stage(value)["nll"]
+            return model.broadcast_from_last_stage(value)["nll"]
         if resumed_state is not None:
             if resumed_state.get("lm_documents") != self.lm_documents._fingerprint:
                 log.warning(
