@@ -1,12 +1,13 @@
 """The package's import structure: config -> data / parallel / the loss math -> model -> convert ->
-train, never upwards and without a circle; and megatron-core imported at module level only by the
-two modules that subclass or patch its classes, so importing anything else stays cheap (config
-checks, --help and the converters' argument errors answer without loading megatron)."""
+train, never upwards and without a circle between modules; and megatron-core imported at module
+level only by the two modules that subclass or patch its classes, so importing anything else stays
+cheap (config checks, --help and the converters' argument errors answer without loading megatron)."""
 
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "mmpo_megatron"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "mmpo_megatron"
 
 # A part of the package (a subpackage or a top-level module) and its layer: an import may only go to
 # the same layer or a lower one.
@@ -21,67 +22,107 @@ MEGATRON_AT_IMPORT = {"mmpo_megatron.parallel.cpu_shim", "mmpo_megatron.model.sd
 
 
 def module_name(path: Path) -> str:
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    parts = path.relative_to(REPO).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_trees() -> dict[str, ast.AST]:
+    return {module_name(p): ast.parse(p.read_text(), str(p)) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported_names(tree: ast.AST, module_level_only: bool = False) -> set[str]:
+    """What ``tree`` imports (``from m import n`` gives m and m.n), skipping ``if TYPE_CHECKING:``
+    blocks (annotations only: they never run); ``module_level_only`` skips function bodies too."""
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
+    if module_level_only:
+        nodes, pending = [], list(tree.body)
+        while pending:  # module level: the body and the bodies of module-level if/try, not functions
+            node = pending.pop()
+            nodes.append(node)
+            if isinstance(node, (ast.If, ast.Try)):
+                pending.extend(node.body + node.orelse + getattr(node, "finalbody", []))
+                pending.extend(n for handler in getattr(node, "handlers", []) for n in handler.body)
+    else:
+        nodes = list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module:
+            assert node.level == 0, f"relative import of {node.module}: the package imports absolutely"
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def module_imports() -> dict[str, set[str]]:
+    """Every mmpo_megatron module and the mmpo_megatron modules it imports at run time (module level
+    or inside functions)."""
+    trees = package_trees()
+    return {name: {t for t in imported_names(tree) if t in trees and t != name} for name, tree in trees.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle, or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        state[node] = 2
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
 
 
 def part_of(module: str) -> str:
     return module.split(".")[1] if "." in module else "mmpo_megatron"
 
 
-def imports(tree: ast.AST, module_level_only: bool) -> set[str]:
-    """Modules imported anywhere in ``tree`` (or only at module level, outside TYPE_CHECKING)."""
-    found = set()
-    nodes = tree.body if module_level_only else list(ast.walk(tree))
-    for node in nodes:
-        if module_level_only and isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            continue
-        if module_level_only and isinstance(node, (ast.If, ast.Try)):
-            nodes.extend(node.body)
-        if isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module)
-        elif isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-    return found
-
-
-def package_modules() -> dict[str, ast.AST]:
-    return {module_name(p): ast.parse(p.read_text(), str(p)) for p in sorted(PACKAGE.rglob("*.py"))}
-
-
-def test_imports_go_down_the_layers_and_form_no_circle():
-    modules = package_modules()
-    graph: dict[str, set[str]] = {}
-    for name, tree in modules.items():
+def test_the_package_has_no_import_circle_and_imports_only_go_down():
+    graph = module_imports()
+    assert len(graph) > 40
+    # Package __init__ files re-export their modules: an edge package -> its own module is no circle.
+    edges = {name: {t for t in targets if not t.startswith(name + ".")} for name, targets in graph.items()}
+    assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the finder sees one
+    for name, targets in graph.items():
         source = part_of(name)
         if source == "mmpo_megatron":
             continue
         assert source in LAYERS, f"{name}: add its part of the package to LAYERS"
-        for target in (part_of(m) for m in imports(tree, False) if m.startswith("mmpo_megatron.")):
-            if target != source:
-                assert LAYERS[target] <= LAYERS[source], f"{name} imports {target}, a higher layer than {source}"
-                graph.setdefault(source, set()).add(target)
-
-    def reaches(start: str, goal: str, seen: set[str]) -> bool:
-        following = graph.get(start, ())
-        return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})) for nxt in following)
-
-    circles = sorted(part for part in graph if reaches(part, part, {part}))
-    assert not circles, f"import circle through {circles}"
+        for target in targets:
+            assert LAYERS[part_of(target)] <= LAYERS[source], f"{name} imports {target}, a higher layer"
 
 
 def test_only_the_megatron_subclasses_import_megatron_when_loaded():
-    modules = package_modules()
-    loads_megatron = {name for name, tree in modules.items()
-                      if any(m.split(".")[0] == "megatron" for m in imports(tree, True))}
+    trees = package_trees()
+    at_import = {name: imported_names(tree, module_level_only=True) for name, tree in trees.items()}
+    loads_megatron = {name for name, names in at_import.items() if any(n.split(".")[0] == "megatron" for n in names)}
     assert loads_megatron == MEGATRON_AT_IMPORT
-    # Nor does any module load one of them at import (directly or through another package module).
-    at_import = {name: {m for m in imports(tree, True) if m in modules} for name, tree in modules.items()}
+    # Nor does any module load one of them when imported (directly or through other package modules).
     changed = True
     while changed:
         changed = False
-        for name, targets in at_import.items():
-            if name not in loads_megatron and targets & loads_megatron:
+        for name, names in at_import.items():
+            if name not in loads_megatron and names & loads_megatron:
                 loads_megatron.add(name)
                 changed = True
     assert loads_megatron == MEGATRON_AT_IMPORT, sorted(loads_megatron - MEGATRON_AT_IMPORT)

@@ -1,7 +1,6 @@
 """MegatronPreferenceModel as a library object: the README's custom loop runs as written, a CPU
-weight swap leaves the policy bit-identical, and the package's layers import no circle."""
+weight swap leaves the policy bit-identical."""
 
-import ast
 import io
 import math
 import re
@@ -232,77 +231,3 @@ def test_weights_written_behind_the_optimizer_are_refused_and_load_weights_keeps
         # One Adam step moves a weight by at most lr, plus bf16 rounding of ~0.4% of a weight <= 1.0;
         # stale masters (the random init) move weights by ~0.1 and more.
         assert 0 < out["moved"] <= out["lr"] + 2 ** -8, out
-
-
-# ------------------------------------------------------------------------------------------ layers
-
-
-def module_imports() -> dict[str, set[str]]:
-    """Every mmpo_megatron module and the mmpo_megatron modules it imports at run time (module level or
-    inside functions)."""
-    graph = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = path.relative_to(REPO).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        targets = set()
-        tree = ast.parse(path.read_text())
-        # Imports under `if TYPE_CHECKING:` never run: annotations only, not part of the import graph.
-        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                       and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
-        for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mmpo_megatron"):
-                targets.add(node.module)
-                targets.update(f"{node.module}.{a.name}" for a in node.names)
-            elif isinstance(node, ast.Import):
-                targets.update(a.name for a in node.names if a.name.startswith("mmpo_megatron"))
-        graph[name] = targets
-    modules = set(graph)
-    # "from mmpo_megatron.model import checkpoint" names a module; "from x import function" does not.
-    return {name: {t for t in targets if t in modules and t != name} for name, targets in graph.items()}
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import circle, or None (package __init__ re-exports are edges too)."""
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(node):
-        state[node] = 1
-        stack.append(node)
-        for nxt in sorted(graph.get(node, ())):
-            if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
-            if nxt not in state:
-                found = visit(nxt)
-                if found:
-                    return found
-        state[node] = 2
-        stack.pop()
-        return None
-
-    for node in sorted(graph):
-        if node not in state:
-            found = visit(node)
-            if found:
-                return found
-    return None
-
-
-def test_the_package_has_no_import_circle():
-    graph = module_imports()
-    assert len(graph) > 25
-    # Package __init__ files re-export their modules: an edge package -> its module is not a layer
-    # crossing, so only module -> module edges (and module -> another package) count.
-    edges = {name: {t for t in targets if not t.startswith(name + ".")} for name, targets in graph.items()}
-    assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
-    # The finder sees a planted circle.
-    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
-    # Lower layers never import higher ones: config -> data -> model -> train -> tools.
-    order = ["mmpo_megatron.config", "mmpo_megatron.data", "mmpo_megatron.model", "mmpo_megatron.train"]
-    for name, targets in graph.items():
-        for rank, layer in enumerate(order):
-            if name == layer or name.startswith(layer + "."):
-                higher = [t for t in targets for upper in order[rank + 1:] if t == upper or t.startswith(upper + ".")]
-                assert not higher, f"{name} imports {higher}"

@@ -74,6 +74,7 @@ class Trainer:
             total_steps=self.total_steps,
         )
         self.records: list[dict[str, Any]] = []
+        self.logger: MetricsLogger | None = None  # set by train(); say() goes through it from then on
         self._lora_base: dict[str, Any] | None = None  # what adapters-only checkpoints record of their base
 
     def train(self, stops: StopConditions | None = None) -> list[dict[str, Any]]:
@@ -92,6 +93,7 @@ class Trainer:
         logger = MetricsLogger(self.out, cfg.logging, self.total_steps, enabled=self.is_rank0, run_config=asdict(cfg),
                                resume_step=step if resumed else -1)  # -1: an attempt without a checkpoint
         logger.start_at(step)
+        self.logger = logger
         interval, in_a_row = cfg.train.eval_interval, 0
         stops = stops or StopConditions(None, model.device)
         stops.expect_save_bytes(self.checkpoint_bytes())
@@ -243,20 +245,26 @@ class Trainer:
         if resume_from is None:
             if cfg.checkpoint.load_weights:
                 loaded = self.model.load_weights(cfg.checkpoint.load_weights)
-                if self.is_rank0:
-                    print(f"policy weights loaded from {loaded}", flush=True)
+                self.say(f"policy weights loaded from {loaded}")
             return 0, 0, 0, False, None
         if cfg.model.lora.enabled:  # adapters-only checkpoints name the base they trained on
             ckpt.check_lora_settings(resume_from, cfg.model.lora)
             ckpt.check_lora_base(resume_from, cfg.checkpoint.load_weights)
         state = self.model.resume(resume_from, base=cfg.checkpoint.load_weights)
         step = state["step"]
-        if self.is_rank0:
-            print(f"resumed from {resume_from} (step {step})", flush=True)
-            if step >= self.total_steps:
-                print(f"nothing to train: this run already reached its {self.total_steps} steps; set a new "
-                      f"train.output_dir, raise train.max_steps, or pass train.overwrite_output_dir=true", flush=True)
+        self.say(f"resumed from {resume_from} (step {step})")
+        if step >= self.total_steps:
+            self.say(f"nothing to train: this run already reached its {self.total_steps} steps; set a new "
+                     f"train.output_dir, raise train.max_steps, or pass train.overwrite_output_dir=true")
         return step, state["consumed_samples"], state.get("skipped_steps", 0), True, state
+
+    def say(self, text: str) -> None:
+        """One line of the run's log, on global rank 0: through the metrics logger once it exists (so
+        the progress bar stays whole), printed before."""
+        if self.logger is not None:
+            self.logger.message(text)
+        elif self.is_rank0:
+            print(text, flush=True)
 
     def nonfinite(self, logger: MetricsLogger, step: int, in_a_row: int) -> None:
         """Say that a step was skipped; abort after ``train.max_nonfinite_steps`` in a row."""
@@ -310,8 +318,7 @@ class Trainer:
         path = self.model.save(self.out / "checkpoints", step, state, keep_last=cfg.checkpoint.keep_last, parts=parts,
                                extra_files=source_metadata(cfg), background=background)
         self.saved_step = step
-        if self.is_rank0:
-            print(f"\ncheckpoint {'being written' if background else 'saved'}: {path}", flush=True)
+        self.say(f"checkpoint {'being written' if background else 'saved'}: {path}")
         return time.perf_counter() - started
 
 
