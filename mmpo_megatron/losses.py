@@ -220,6 +220,8 @@ def formula_of(name: str) -> Callable[[Formula], Formula]:
     def register(function: Formula) -> Formula:
         if name not in LOSSES:
             raise ValueError(f"{name!r} is not in mmpo_megatron.config.LOSSES; add its LossSpec there first")
+        if name in _FORMULAS:
+            raise ValueError(f"loss {name!r} has a formula already: {_FORMULAS[name].__name__}")
         _FORMULAS[name] = function
         return function
 

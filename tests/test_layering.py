@@ -34,14 +34,14 @@ def imported_names(tree: ast.AST, module_level_only: bool = False) -> set[str]:
     """What ``tree`` imports (``from m import n`` gives m and m.n), skipping ``if TYPE_CHECKING:``
     blocks (annotations only: they never run); ``module_level_only`` skips function bodies too."""
     typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                   and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
+                   and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING") for n in ast.walk(block)}
     if module_level_only:
         nodes, pending = [], list(tree.body)
-        while pending:  # module level: the body and the bodies of module-level if/try, not functions
+        while pending:  # what runs on import: module level, into if/try/with and class bodies, not functions
             node = pending.pop()
             nodes.append(node)
-            if isinstance(node, (ast.If, ast.Try)):
-                pending.extend(node.body + node.orelse + getattr(node, "finalbody", []))
+            if isinstance(node, (ast.If, ast.Try, ast.With, ast.ClassDef)):
+                pending.extend(node.body + getattr(node, "orelse", []) + getattr(node, "finalbody", []))
                 pending.extend(n for handler in getattr(node, "handlers", []) for n in handler.body)
     else:
         nodes = list(ast.walk(tree))
@@ -55,6 +55,8 @@ def imported_names(tree: ast.AST, module_level_only: bool = False) -> set[str]:
             found.update(f"{node.module}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
+    if module_level_only:  # importing a.b.c runs a/__init__ and a/b/__init__ first
+        found |= {name.rsplit(".", depth)[0] for name in found for depth in range(1, name.count(".") + 1)}
     return found
 
 

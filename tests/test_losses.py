@@ -275,3 +275,5 @@ def test_the_loss_registry_is_the_one_list_of_losses():
         LossConfig(name="kto")
     with pytest.raises(ValueError, match="'kto' is not in mmpo_megatron.config.LOSSES"):
         formula_of("kto")(lambda *args: None)
+    with pytest.raises(ValueError, match="loss 'dpo' has a formula already"):
+        formula_of("dpo")(lambda *args: None)

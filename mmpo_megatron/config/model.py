@@ -217,7 +217,6 @@ class ModelConfig:
         return self.num_query_groups or self.num_attention_heads
 
 
-
 def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
     """Check that the model shape splits over the parallel layout; errors name the field."""
     tp, pp, vpp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.virtual_pipeline or 1

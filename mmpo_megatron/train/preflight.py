@@ -97,6 +97,8 @@ def reference_reason(cfg: TrainConfig) -> str:
         return f"loss {cfg.loss.name} reads no reference"
     if cfg.reference_mode == "adapters_off":
         return "fresh LoRA adapters start at the base, which is the reference with the adapters off"
+    if cfg.reference.checkpoint:
+        return "reference.checkpoint's log-probs, scored once before training"
     return "the starting policy's log-probs, scored once before training"
 
 
