@@ -131,7 +131,9 @@ class _ChunkedOutputLayerLogProbs(torch.autograd.Function):
             logits = hidden[part] @ weight.t()
             logp[part], lse[part], _, _, valid = _label_logprobs_and_lse(logits, labels[part], group, vocab_size)
             del logits  # before the next chunk's GEMM allocates
-        ctx.group, ctx.chunk, ctx.valid_columns = group, chunk, valid
+        ctx.group = group
+        ctx.chunk = chunk
+        ctx.valid_columns = valid
         ctx.save_for_backward(hidden, weight, labels, lse)
         return logp
 

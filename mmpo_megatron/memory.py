@@ -88,4 +88,5 @@ def track_peak_memory(device: torch.device | str) -> Iterator[PeakMemory]:
         with tracker:
             yield result
     finally:
-        result.peak_bytes, result.end_bytes = tracker.peak, tracker.live
+        result.peak_bytes = tracker.peak
+        result.end_bytes = tracker.live

@@ -19,13 +19,13 @@ from mmpo_megatron.config import (
     DataConfig,
     DataSourceConfig,
     LoggingConfig,
-    ModelConfig,
     OptimConfig,
     PrecisionConfig,
     TrainConfig,
     TrainerConfig,
 )
 from mmpo_megatron.parallel.local_ranks import run_on_ranks
+from tiny_models import tiny_model
 from tool_runs import tool_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,8 +270,7 @@ def test_paper_recipes_keep_the_paper_prompt_limit():
 def small_config(out, steps=3, **kw):
     return TrainConfig(
         device="cpu",
-        model=ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-                          max_position_embeddings=64, make_vocab_size_divisible_by=16),
+        model=tiny_model(),
         data=DataConfig(train=[DataSourceConfig(split="train[:16]")], eval=[DataSourceConfig(split="test[:8]")],
                         max_length=32, pad_to_multiple=8),
         precision=PrecisionConfig(dtype="fp32"),

@@ -14,6 +14,7 @@ PACKAGE = REPO / "mmpo_megatron"
 LAYERS = {
     "config": 0,
     "data": 1, "parallel": 1, "pair_logprobs": 1, "logprobs": 1, "losses": 1, "signal_shield": 1, "memory": 1,
+    "messages": 1,
     "model": 2,
     "convert": 3,
     "train": 4,

@@ -283,7 +283,7 @@ def reference_against_base(root, tp, pp):
     from mmpo_megatron.model.objective import objective_for
     from mmpo_megatron.model.preference_model import MegatronPreferenceModel
     from mmpo_megatron.model.reference import AdaptersOffReference
-    from mmpo_megatron.model.schedule import HeadAndMask
+    from mmpo_megatron.model.schedule import ForwardPlan
     from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
 
     root = Path(root)
@@ -304,7 +304,7 @@ def reference_against_base(root, tp, pp):
             objective_for(LossConfig()),
             vocab_size=VOCAB,
             pad_id=tokenizer.pad_token_id,
-            head_and_mask=HeadAndMask.of(model),
+            forward_plan=ForwardPlan.of(model),
             pad_to_multiple=8,
             micro_batch_size=2,
         )
@@ -315,18 +315,15 @@ def reference_against_base(root, tp, pp):
     return scores
 
 
-def test_the_adapters_off_reference_is_the_base_model_bit_for_bit(peft_setup):
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_the_adapters_off_reference_is_the_base_model_bit_for_bit(peft_setup, tp, pp):
     root, _ = peft_setup
-    for tp, pp in ((2, 1), (1, 2)):
-        last = [r for r in run_on_ranks(reference_against_base, 2, str(root), tp, pp) if r["base"] is not None]
-        assert last, (tp, pp)
-        for scores in last:
-            off, base, adapted = scores["adapters_off"], scores["base"], scores["adapted"]
-            assert torch.equal(off.chosen, base.chosen) and torch.equal(off.rejected, base.rejected), (tp, pp)
-            assert (adapted.chosen - base.chosen).abs().max() > 1e-2, (
-                tp,
-                pp,
-            )  # the adapters themselves are on otherwise
+    last = [r for r in run_on_ranks(reference_against_base, 2, str(root), tp, pp) if r["base"] is not None]
+    assert last
+    for scores in last:
+        off, base, adapted = scores["adapters_off"], scores["base"], scores["adapted"]
+        assert torch.equal(off.chosen, base.chosen) and torch.equal(off.rejected, base.rejected)
+        assert (adapted.chosen - base.chosen).abs().max() > 1e-2  # the adapters themselves are on otherwise
 
 
 # ------------------------------------------------------------------------------------------ checkpoints and export

@@ -63,17 +63,17 @@ def test_recompute_settings_change_the_estimate_as_megatron_runs_them():
     assert estimate(model, Layout(**interleaved), work).parts["other layers"] == 0
 
 
-def test_stage_parameters_add_up_to_the_model_at_every_split():
+@pytest.mark.parametrize("pp", [1, 2, 4])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_stage_parameters_add_up_to_the_model_at_every_split(tp, pp):
+    from mmpo_megatron.model.memory_plan import layer_parameters, stage_parameters
+
     model = ModelConfig(num_layers=8, hidden_size=256, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=688,
                         vocab_size=1000, make_vocab_size_divisible_by=128)
     whole = estimate(model, Layout(), Workload()).parameters
-    from mmpo_megatron.model.memory_plan import layer_parameters, stage_parameters
-
-    for tp in (1, 2, 4):
-        for pp in (1, 2, 4):
-            stages = stage_parameters(model, tp, pp, 1000)
-            replicated = 8 * (2 * 256) + 256  # norms sit whole on every TP rank
-            assert sum(stages) * tp - (tp - 1) * replicated == whole, (tp, pp)
+    stages = stage_parameters(model, tp, pp, 1000)
+    replicated = 8 * (2 * 256) + 256  # norms sit whole on every TP rank
+    assert sum(stages) * tp - (tp - 1) * replicated == whole
     assert layer_parameters(model, 2) < layer_parameters(model, 1)
 
 

@@ -9,6 +9,7 @@ from mmpo_megatron.config import ConfigError, ParallelConfig
 from mmpo_megatron.logprobs import sequence_logprobs
 from mmpo_megatron.parallel import current_layout, destroy_parallel, initialize_parallel
 from mmpo_megatron.parallel.local_ranks import run_on_ranks
+from tiny_models import tiny_model
 
 VOCAB, SEQ, BATCH = 64, 12, 3
 
@@ -176,15 +177,15 @@ def rank_one_waits_forever_not():
 
 def sp_and_recompute_in_effect(modes):
     """Our builder at TP=2 with the defaults: what megatron actually runs (not only what was asked)."""
-    from mmpo_megatron.config import ModelConfig, PrecisionConfig
+    from mmpo_megatron.config import PrecisionConfig
     from mmpo_megatron.model.builder import build_model_chunks
 
     parallel = ParallelConfig(tensor_parallel=2, device="cpu")
     initialize_parallel(parallel)
     out = {}
     for recompute in modes:
-        model = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-                            recompute=recompute, recompute_num_layers=1, fused_logprob_chunk=4)
+        model = tiny_model(max_position_embeddings=4096, make_vocab_size_divisible_by=128, recompute=recompute,
+                           recompute_num_layers=1, fused_logprob_chunk=4)
         gpt = build_model_chunks(model, parallel, PrecisionConfig(), vocab_size=VOCAB, device="cpu")[0]
         seen = {"layer_inputs": [], "core_attention_calls": 0}
         gpt.decoder.layers[0].register_forward_pre_hook(lambda m, args, kwargs: seen["layer_inputs"].append(
@@ -344,14 +345,13 @@ def ddp_layouts_against_ddp_own(pipeline_parallel, virtual_pipeline, overlap, bu
     the one DDP computes itself when given none: the same buckets and parameter ranges per chunk."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from mmpo_megatron.config import ModelConfig, PrecisionConfig
+    from mmpo_megatron.config import PrecisionConfig
     from mmpo_megatron.model.builder import build_model_chunks
     from mmpo_megatron.model.optimizer import _param_layout
 
     parallel = ParallelConfig(pipeline_parallel=pipeline_parallel, virtual_pipeline=virtual_pipeline, device="cpu")
     initialize_parallel(parallel)
-    model = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-                        max_position_embeddings=64, make_vocab_size_divisible_by=16)
+    model = tiny_model(num_layers=4)
     chunks = build_model_chunks(model, parallel, PrecisionConfig(dtype="fp32"), vocab_size=263, device="cpu")
     out = []
     for i, chunk in enumerate(chunks):

@@ -7,9 +7,11 @@ import re
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import pytest
 import torch
 
 from mmpo_megatron.parallel.local_ranks import run_on_ranks
+from tiny_models import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "mmpo_megatron"
@@ -63,7 +65,6 @@ def swap_round_trip(root, tp, pp, dtype="fp32", overlap=False):
         DataConfig,
         DataSourceConfig,
         LoggingConfig,
-        ModelConfig,
         OptimConfig,
         ParallelConfig,
         PrecisionConfig,
@@ -79,15 +80,7 @@ def swap_round_trip(root, tp, pp, dtype="fp32", overlap=False):
 
     cfg = TrainConfig(
         device="cpu",
-        model=ModelConfig(
-            num_layers=2,
-            hidden_size=32,
-            num_attention_heads=4,
-            num_query_groups=2,
-            ffn_hidden_size=64,
-            max_position_embeddings=64,
-            make_vocab_size_divisible_by=16,
-        ),
+        model=tiny_model(),
         data=DataConfig(max_length=32, pad_to_multiple=8),
         parallel=ParallelConfig(
             tensor_parallel=tp, pipeline_parallel=pp, overlap_grad_reduce=overlap, overlap_param_gather=overlap
@@ -121,7 +114,7 @@ def swap_round_trip(root, tp, pp, dtype="fp32", overlap=False):
     policy = model.micro_batches(pairs, [[4, 5]])
     from mmpo_megatron.model.schedule import score_microbatches
 
-    scored = score_microbatches(model.chunks, policy, model.head_and_mask)
+    scored = score_microbatches(model.chunks, policy, model.forward_plan)
     out = {
         "same": len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after)),
         "tensors": len(before),
@@ -133,21 +126,20 @@ def swap_round_trip(root, tp, pp, dtype="fp32", overlap=False):
     return out
 
 
-def test_cpu_swap_leaves_the_policy_bit_identical_and_scores_the_reference_weights(tmp_path):
+@pytest.mark.parametrize("tp,pp,dtype,overlap", [(2, 1, "fp32", False), (1, 2, "fp32", False), (1, 1, "bf16", True)])
+def test_cpu_swap_leaves_the_policy_bit_identical_and_scores_the_reference_weights(tmp_path, tp, pp, dtype, overlap):
     """Parameters, gradient buffers, fp32 master weights and Adam moments bit-identical after a swap,
     at TP=2 and PP=2 (fp32), and in bf16 at DP=2 with the distributed optimizer (each rank's master
     shard) and overlapped parameter gather; the swapped-in forward is the reference's, bit for bit."""
-    for tp, pp, dtype, overlap in ((2, 1, "fp32", False), (1, 2, "fp32", False), (1, 1, "bf16", True)):
-        case = (tp, pp, dtype, overlap)
-        ranks = run_on_ranks(swap_round_trip, 2, str(tmp_path), tp, pp, dtype, overlap)
-        for rank in ranks:
-            assert rank["same"] and rank["tensors"] > 10, case
-        last = [r for r in ranks if "swap" in r]
-        assert last
-        for r in last:
-            for swapped, resident, policy in zip(r["swap"], r["resident"], r["policy"]):
-                assert torch.equal(swapped, resident), case  # the reference weights, bit for bit
-                assert not torch.allclose(swapped, policy), case  # and not the policy's
+    ranks = run_on_ranks(swap_round_trip, 2, str(tmp_path), tp, pp, dtype, overlap)
+    for rank in ranks:
+        assert rank["same"] and rank["tensors"] > 10
+    last = [r for r in ranks if "swap" in r]
+    assert last
+    for r in last:
+        for swapped, resident, policy in zip(r["swap"], r["resident"], r["policy"]):
+            assert torch.equal(swapped, resident)  # the reference weights, bit for bit
+            assert not torch.allclose(swapped, policy)  # and not the policy's
 
 
 def masters_after_loads(root, distributed):
@@ -157,7 +149,6 @@ def masters_after_loads(root, distributed):
     from mmpo_megatron.config import (
         DataConfig,
         DataSourceConfig,
-        ModelConfig,
         OptimConfig,
         PrecisionConfig,
         TrainConfig,
@@ -175,15 +166,7 @@ def masters_after_loads(root, distributed):
     cfg = TrainConfig(
         device="cpu",
         precision=PrecisionConfig(dtype="bf16"),
-        model=ModelConfig(
-            num_layers=2,
-            hidden_size=32,
-            num_attention_heads=4,
-            num_query_groups=2,
-            ffn_hidden_size=64,
-            max_position_embeddings=64,
-            make_vocab_size_divisible_by=16,
-        ),
+        model=tiny_model(),
         data=DataConfig(max_length=32, pad_to_multiple=8),
         optim=OptimConfig(lr=1e-3, warmup_ratio=0.0, decay_style="constant", distributed_optimizer=distributed),
         train=TrainerConfig(global_batch_size=4, micro_batch_size=2),

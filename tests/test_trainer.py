@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mmpo_megatron.config import (
+    REFERENCE_MODES,
     CheckpointConfig,
     ConfigError,
     DataConfig,
@@ -28,6 +29,7 @@ from mmpo_megatron.config import (
 )
 from mmpo_megatron.parallel.local_ranks import run_on_ranks
 from run_folders import seed_run_folder
+from tiny_models import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -41,8 +43,7 @@ def make_config(out, *, loss="mmpo", tp=1, pp=1, vpp=None, steps=1, **sections):
         loss_cfg = LossConfig(name=loss, aux_weight=0.5) if loss == "mmpo" else LossConfig(name=loss)
     cfg = TrainConfig(
         device="cpu",
-        model=ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-                          max_position_embeddings=64, make_vocab_size_divisible_by=16),
+        model=tiny_model(num_layers=4),
         loss=loss_cfg,
         data=DataConfig(train=[DataSourceConfig(split="train[:16]")], eval=[DataSourceConfig(split="test[:8]")],
                         max_length=32, max_prompt_length=16, pad_to_multiple=8),
@@ -403,7 +404,7 @@ def reference_modes_and_scores(root):
     root = Path(root)
     out = {}
     for tp, pp in ((2, 1), (1, 2)):
-        for mode in REFERENCE_MODES:
+        for mode in WEIGHT_REFERENCE_MODES:
             name = mode if (tp, pp) == (2, 1) else f"{mode}_pp2"
             out[name] = train_records(
                 make_config(
@@ -473,7 +474,8 @@ def score_tp1(root):
     return score_pairs(args)
 
 
-REFERENCE_MODES = ("precompute", "resident", "cpu_swap")
+# The modes that hold reference weights of their own (auto resolves to one; adapters_off needs LoRA).
+WEIGHT_REFERENCE_MODES = tuple(m for m in REFERENCE_MODES if m not in ("auto", "adapters_off"))
 
 
 @pytest.mark.start_early(6)
@@ -487,7 +489,7 @@ def test_reference_modes_agree_and_tp2_checkpoint_scores_equally_at_tp1(tmp_path
             assert len(base) > 0
             if split == "train":  # the policy moved: implicit rewards are reference-dependent, non-zero
                 assert abs(base[-1]["implicit_rewards/chosen"]) > 1e-4
-            for mode in REFERENCE_MODES[1:]:
+            for mode in WEIGHT_REFERENCE_MODES[1:]:
                 other = [r for r in runs[mode + suffix] if r["split"] == split]
                 assert len(other) == len(base), (mode, suffix, split)
                 for a, b in zip(base, other):

@@ -119,7 +119,7 @@ def training_model(model_cfg, pairs_per_step: int, device, *, total_steps: int, 
     from mmpo_megatron.model.optimizer import wrap_for_training
     from mmpo_megatron.model.preference_model import MegatronPreferenceModel, lr_schedule
     from mmpo_megatron.model.reference import ReferenceSource
-    from mmpo_megatron.model.schedule import HeadAndMask
+    from mmpo_megatron.model.schedule import ForwardPlan
 
     class RandomReference(ReferenceSource):
         """Reference log-probs drawn at random."""
@@ -141,7 +141,7 @@ def training_model(model_cfg, pairs_per_step: int, device, *, total_steps: int, 
         objective_for(LossConfig()),
         vocab_size=vocab,
         pad_id=0,
-        head_and_mask=HeadAndMask.of(model_cfg),
+        forward_plan=ForwardPlan.of(model_cfg),
         pad_to_multiple=16,
         pack_length=pack_length,
         micro_batch_size=pairs_per_step,

@@ -60,7 +60,7 @@ def score_pairs(args: argparse.Namespace) -> dict | None:
     from mmpo_megatron.model.checkpoint import TRAINER_STATE, load_weights, resolve_checkpoint, saved_model_config
     from mmpo_megatron.model.objective import objective_for
     from mmpo_megatron.model.preference_model import MegatronPreferenceModel
-    from mmpo_megatron.model.schedule import HeadAndMask
+    from mmpo_megatron.model.schedule import ForwardPlan
     from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
 
     policy_path = resolve_checkpoint(args.checkpoint)
@@ -97,7 +97,7 @@ def score_pairs(args: argparse.Namespace) -> dict | None:
                 objective_for(LossConfig()),
                 vocab_size=state["vocab_size"],
                 pad_id=tokenizer.pad_token_id,
-                head_and_mask=HeadAndMask.of(model),
+                forward_plan=ForwardPlan.of(model),
                 pad_to_multiple=data.pad_to_multiple,
                 micro_batch_size=args.micro_batch_size,
             )

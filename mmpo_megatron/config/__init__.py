@@ -6,7 +6,7 @@ field. Allowed values are tuples (``LOSS_NAMES``, ``DEVICES``, ...) that the che
 ``choices=`` read: OmegaConf 2.3 refuses ``typing.Literal`` fields on a structured config.
 """
 
-from mmpo_megatron.config.checks import ConfigError, require
+from mmpo_megatron.config.checks import ConfigError, choices, require
 from mmpo_megatron.config.data import DataConfig, DataSourceConfig
 from mmpo_megatron.config.hydra_schema import (
     CONFIG_DIR,
@@ -38,16 +38,23 @@ from mmpo_megatron.config.model import (
 )
 from mmpo_megatron.config.optim import OptimConfig
 from mmpo_megatron.config.parallel import DEVICES, ParallelConfig
-from mmpo_megatron.config.precision import PrecisionConfig, check_fp8_layer_spec
+from mmpo_megatron.config.precision import (
+    FP8_FORMATS,
+    FP8_RECIPES,
+    PRECISION_DTYPES,
+    PrecisionConfig,
+    check_fp8_layer_spec,
+)
 from mmpo_megatron.config.reference import REFERENCE_MODES, ReferenceConfig
 from mmpo_megatron.config.run import TrainConfig
 from mmpo_megatron.config.training import CheckpointConfig, EvalConfig, LoggingConfig, TrainerConfig
 
 __all__ = [
-    "AUX_INPUTS", "CONFIG_DIR", "CONVERT_DTYPES", "DEVICES", "HYDRA_SCHEMA", "LAYER_SPECS", "LOGP_REDUCTIONS",
-    "LORA_PROJECTIONS", "LORA_SHORTHANDS", "LOSSES", "LOSS_NAMES", "NORM_SCOPES", "RECOMPUTE_GRANULARITIES",
-    "REFERENCE_MODES", "CheckpointConfig", "ConfigError", "DataConfig", "DataSourceConfig", "EvalConfig",
-    "LoggingConfig", "LoraConfig", "LossConfig", "LossSpec", "ModelConfig", "OptimConfig", "ParallelConfig",
-    "PrecisionConfig", "ReferenceConfig", "TrainConfig", "TrainerConfig", "check_fp8_layer_spec", "compose_config",
-    "lora_projections", "padded_vocab_size", "require", "register_hydra_schema", "resolve_config", "validate_layout",
+    "AUX_INPUTS", "CONFIG_DIR", "CONVERT_DTYPES", "DEVICES", "FP8_FORMATS", "FP8_RECIPES", "HYDRA_SCHEMA",
+    "LAYER_SPECS", "LOGP_REDUCTIONS", "LORA_PROJECTIONS", "LORA_SHORTHANDS", "LOSSES", "LOSS_NAMES", "NORM_SCOPES",
+    "PRECISION_DTYPES", "RECOMPUTE_GRANULARITIES", "REFERENCE_MODES", "CheckpointConfig", "ConfigError", "DataConfig",
+    "DataSourceConfig", "EvalConfig", "LoggingConfig", "LoraConfig", "LossConfig", "LossSpec", "ModelConfig",
+    "OptimConfig", "ParallelConfig", "PrecisionConfig", "ReferenceConfig", "TrainConfig", "TrainerConfig",
+    "check_fp8_layer_spec", "choices", "compose_config", "lora_projections", "padded_vocab_size",
+    "register_hydra_schema", "require", "resolve_config", "validate_layout",
 ]

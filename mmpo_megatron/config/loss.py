@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmpo_megatron.config.checks import require
+from mmpo_megatron.config.checks import choices, require
 
 
 @dataclass(frozen=True)
@@ -92,11 +92,13 @@ class LossConfig:
         require(
             self.norm_scope in NORM_SCOPES, "loss.norm_scope", f"must be one of {NORM_SCOPES}, got {self.norm_scope!r}"
         )
-        require(self.aux_input in AUX_INPUTS, "loss.aux_input", f"must be one of {AUX_INPUTS}, got {self.aux_input!r}")
+        require(
+            self.aux_input in AUX_INPUTS, "loss.aux_input", f"must be {choices(AUX_INPUTS)}, got {self.aux_input!r}"
+        )
         require(
             self.logp_reduction in LOGP_REDUCTIONS,
             "loss.logp_reduction",
-            f"must be one of {LOGP_REDUCTIONS}, got {self.logp_reduction!r}",
+            f"must be {choices(LOGP_REDUCTIONS)}, got {self.logp_reduction!r}",
         )
         require(self.beta > 0, "loss.beta", f"must be > 0, got {self.beta}")
         require(self.aux_weight >= 0, "loss.aux_weight", f"must be >= 0, got {self.aux_weight}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmpo_megatron.config.checks import require
+from mmpo_megatron.config.checks import choices, require
 
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -69,7 +69,7 @@ class ParallelConfig:
         require(
             self.device in DEVICES,
             "parallel.device",
-            f"must be 'auto', 'cuda' or 'cpu', got {self.device!r}",
+            f"must be {choices(DEVICES)}, got {self.device!r}",
         )
 
 

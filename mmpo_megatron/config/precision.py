@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmpo_megatron.config.checks import require
+from mmpo_megatron.config.checks import choices, require
 from mmpo_megatron.config.model import ModelConfig
+
+PRECISION_DTYPES = ("auto", "bf16", "fp32")
+FP8_FORMATS = (None, "hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
 
 
 @dataclass
@@ -23,17 +27,11 @@ class PrecisionConfig:
     """delayed, tensorwise (current scaling) or blockwise."""
 
     def __post_init__(self) -> None:
-        require(
-            self.dtype in ("auto", "bf16", "fp32"), "precision.dtype", f"must be auto, bf16 or fp32, got {self.dtype!r}"
-        )
-        require(
-            self.fp8 in (None, "hybrid", "e4m3"), "precision.fp8", f"must be null, hybrid or e4m3, got {self.fp8!r}"
-        )
-        require(
-            self.fp8_recipe in ("delayed", "tensorwise", "blockwise"),
-            "precision.fp8_recipe",
-            f"must be delayed, tensorwise or blockwise, got {self.fp8_recipe!r}",
-        )
+        require(self.dtype in PRECISION_DTYPES, "precision.dtype",
+                f"must be {choices(PRECISION_DTYPES)}, got {self.dtype!r}")
+        require(self.fp8 in FP8_FORMATS, "precision.fp8", f"must be {choices(FP8_FORMATS)}, got {self.fp8!r}")
+        require(self.fp8_recipe in FP8_RECIPES, "precision.fp8_recipe",
+                f"must be {choices(FP8_RECIPES)}, got {self.fp8_recipe!r}")
 
 
 def check_fp8_layer_spec(model: ModelConfig, precision: PrecisionConfig) -> None:

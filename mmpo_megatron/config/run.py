@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmpo_megatron.config.checks import require
+from mmpo_megatron.config.checks import choices, require
 from mmpo_megatron.config.data import DataConfig
 from mmpo_megatron.config.loss import LossConfig
 from mmpo_megatron.config.model import ModelConfig, validate_layout
@@ -36,7 +36,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        require(self.device in DEVICES, "device", f"must be auto, cuda or cpu, got {self.device!r}")
+        require(self.device in DEVICES, "device", f"must be {choices(DEVICES)}, got {self.device!r}")
         self.parallel.device = self.device
         mode = self.reference_mode
         require(mode != "adapters_off" or self.model.lora.enabled, "reference.mode",

@@ -8,15 +8,17 @@ failure leaves no half-written output folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from torch import Tensor
 
 from mmpo_megatron.config import ConfigError, ModelConfig, ParallelConfig, PrecisionConfig
 from mmpo_megatron.convert.llama import (
@@ -26,6 +28,7 @@ from mmpo_megatron.convert.llama import (
     model_config_from_hf,
     tensor_count,
 )
+from mmpo_megatron.messages import say
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
@@ -171,9 +174,7 @@ def convert_hf_to_megatron(
     model = model_config_from_hf(hf, layer_spec=layer_spec)
     source_dtype = hf_weight_dtype(hf)
     dtype = source_dtype if dtype == "auto" else dtype
-    print(
-        f"weights: {dtype} (the HF config states {hf.get('torch_dtype') or hf.get('dtype') or 'no dtype'})", flush=True
-    )
+    say(f"weights: {dtype} (the HF config states {hf.get('torch_dtype') or hf.get('dtype') or 'no dtype'})")
     # The checkpoint itself is layout-free; --tp/--pp only check that the model splits that way.
     validate_layout(model, ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
     padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
@@ -199,20 +200,15 @@ def convert_hf_to_megatron(
         raise ConversionError(f"no HF tensor mapped to megatron parameter(s) {missing}")
     state = {"model": asdict(model), "vocab_size": model.vocab_size, "source": str(hf_dir.resolve()),
              "tokenizer": str((output / "tokenizer").resolve()), "dtype": dtype}
-    tmp_root = output.with_name(output.name + ".partial")
-    try:
-        save_to(tmp_root / "weights", chunks, None, state)
-        final_tmp = tmp_root / "weights"
-        (final_tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2))
+    with renamed_when_done(output) as partial:
+        save_to(partial, chunks, None, state)
+        (partial / HF_CONFIG).write_text(json.dumps(hf, indent=2))
         if (hf_dir / GENERATION_CONFIG).exists():  # end-of-turn tokens and sampling defaults, for the export
-            shutil.copy2(hf_dir / GENERATION_CONFIG, final_tmp / GENERATION_CONFIG)
-        (final_tmp / "tokenizer").mkdir()
+            shutil.copy2(hf_dir / GENERATION_CONFIG, partial / GENERATION_CONFIG)
+        (partial / "tokenizer").mkdir()
         for name in TOKENIZER_FILES:
             if (hf_dir / name).exists():
-                shutil.copy2(hf_dir / name, final_tmp / "tokenizer" / name)
-        final_tmp.rename(output)
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
+                shutil.copy2(hf_dir / name, partial / "tokenizer" / name)
     return output
 
 
@@ -232,7 +228,6 @@ def convert_megatron_to_hf(
     (W + alpha / r * B A in fp32, stored in the base's dtype), or with ``adapter_only`` as a PEFT
     adapter folder for its base model.
     """
-    from safetensors.torch import save_file
 
     from mmpo_megatron.model.builder import unwrap
     from mmpo_megatron.model.checkpoint import (
@@ -264,24 +259,21 @@ def convert_megatron_to_hf(
     saved = saved_weight_dtype(weights_dir)
     dtype = saved if dtype == "auto" else dtype
     narrowing = saved == "fp32" and dtype == "bf16"
-    print(f"export dtype: {dtype} (the checkpoint's weights are {saved})", flush=True)
+    say(f"export dtype: {dtype} (the checkpoint's weights are {saved})")
     # Load in the export dtype (in the saved one when narrowing, to measure the rounding): one copy
     # of the weights in RAM, plus one shard being written.
     chunks = _single_process_chunks(model, saved if narrowing else dtype, model.vocab_size)
     load_weights(path, chunks)  # any saved TP/PP layout; optimizer state is not read
     if model.lora.enabled and adapter_only:
-        tmp = output.with_name(output.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_peft_adapter(tmp, model.lora, adapter_tensors(chunks), base_model=base)
-        tmp.rename(output)
+        with renamed_when_done(output) as partial:
+            write_peft_adapter(partial, model.lora, adapter_tensors(chunks), base_model=base)
         return output
     if model.lora.enabled:
         merged = []
         moved = _logprob_change(chunks[0], model.vocab_size, lambda: merged.append(merge_adapters(chunks)))
-        print(
+        say(
             f"LoRA: merged {merged[0]} adapted linears into the base weights (W + alpha / r * B A in fp32, stored "
-            f"in {dtype}): summed log-probs of 4 random 32-token sequences moved by up to {moved:.3g} nats",
-            flush=True,
+            f"in {dtype}): summed log-probs of 4 random 32-token sequences moved by up to {moved:.3g} nats"
         )
         if dtype == "bf16" and moved > 1e-3:
             print(f"warning: bf16 rounds away part of the adapters' change to the weights ({moved:.3g} nats); "
@@ -295,60 +287,87 @@ def convert_megatron_to_hf(
     weights = {k: v for k, v in unwrap(chunks[0]).state_dict().items()
                if not k.endswith("_extra_state") and ".lora." not in k}
     torch_dtype = _TORCH_DTYPES[dtype]
-    tmp = output.with_name(output.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        # Shards are written as soon as they fill, then renamed to HF's "-of-N" names at the end.
-        written, weight_map, current, size, total = [], {}, {}, 0, 0
-
-        def flush() -> None:
-            file = f"shard-{len(written) + 1:05d}.safetensors"
-            save_file(current, str(tmp / file), metadata={"format": "pt"})
-            weight_map.update({name: file for name in current})
-            written.append(file)
-
+    with renamed_when_done(output) as partial:
+        partial.mkdir(parents=True)
         with _progress(tensor_count(model), "megatron -> hf") as bar:
-            for name, tensor in megatron_to_hf(weights.__getitem__, model):
-                tensor = tensor.to(torch_dtype).contiguous().clone()
-                nbytes = tensor.numel() * tensor.element_size()
-                if current and size + nbytes > shard_bytes:
-                    flush()
-                    current, size = {}, 0
-                current[name] = tensor
-                size, total = size + nbytes, total + nbytes
-                bar.update(1)
-        flush()
-        names = {f: "model.safetensors" if len(written) == 1 else f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
-                 for i, f in enumerate(written)}
-        for old, new in names.items():
-            (tmp / old).rename(tmp / new)
-        if len(written) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": {k: names[v] for k, v in weight_map.items()}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            exported = megatron_to_hf(weights.__getitem__, model)
+            write_safetensors_shards(_cast(exported, torch_dtype, bar), partial, shard_bytes)
         config = hf_config_from_model(
             model, model_type=model_type, torch_dtype="bfloat16" if dtype == "bf16" else "float32"
         )
         if source_hf:  # keep what we do not model (token ids, names) from the original config
             config = {**source_hf, **config}
-        tokenizer = _write_tokenizer(weights_dir if base and not (path / "tokenizer").is_dir() else path, state, tmp)
+        tokenizer_source = weights_dir if base and not (path / "tokenizer").is_dir() else path
+        tokenizer = _write_tokenizer(tokenizer_source, state, partial)
         ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
         for key, value in ids.items():  # a model without a source (random init) gets the tokenizer's
             if config.get(key) is None and value is not None:
                 config[key] = value
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (partial / "config.json").write_text(json.dumps(config, indent=2))
         generation = next(
             (d / GENERATION_CONFIG for d in (path, weights_dir) if (d / GENERATION_CONFIG).exists()), None
         )
         if generation is not None:
-            shutil.copy2(generation, tmp / GENERATION_CONFIG)
+            shutil.copy2(generation, partial / GENERATION_CONFIG)
         else:
-            (tmp / GENERATION_CONFIG).write_text(json.dumps({k: v for k, v in config.items() if k in ids}, indent=2))
-        tmp.rename(output)
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            token_ids = {k: v for k, v in config.items() if k in ids}
+            (partial / GENERATION_CONFIG).write_text(json.dumps(token_ids, indent=2))
     return output
+
+
+def _cast(tensors: Iterable[tuple[str, Tensor]], dtype: torch.dtype, bar) -> Iterator[tuple[str, Tensor]]:
+    """Each tensor in the export dtype, contiguous and its own storage, ticking the progress bar."""
+    for name, tensor in tensors:
+        bar.update(1)
+        yield name, tensor.to(dtype).contiguous().clone()
+
+
+@contextlib.contextmanager
+def renamed_when_done(output: Path) -> Iterator[Path]:
+    """A folder ``<output>.partial`` to write into (absent at the start), renamed to ``output`` when
+    the block completes and removed if it raises: ``output`` only ever exists whole."""
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        yield partial
+        partial.rename(output)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def write_safetensors_shards(tensors: Iterable[tuple[str, Tensor]], folder: Path, shard_bytes: int) -> int:
+    """HF's safetensors layout in ``folder``: one ``model.safetensors``, or shards of at most
+    ``shard_bytes`` (a larger tensor gets one of its own) named ``model-0000i-of-0000N`` with an
+    index. A shard is written as soon as it fills, so one shard is held in memory. Returns the count."""
+    from safetensors.torch import save_file
+
+    shard_names: list[list[str]] = []  # the tensor names of each shard written so far
+    current: dict[str, Tensor] = {}
+    current_bytes = 0
+    total_bytes = 0
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and current_bytes + nbytes > shard_bytes:
+            save_file(current, str(folder / f"shard-{len(shard_names):05d}"), metadata={"format": "pt"})
+            shard_names.append(list(current))
+            current = {}
+            current_bytes = 0
+        current[name] = tensor
+        current_bytes += nbytes
+        total_bytes += nbytes
+    save_file(current, str(folder / f"shard-{len(shard_names):05d}"), metadata={"format": "pt"})
+    shard_names.append(list(current))
+    count = len(shard_names)
+    files = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    if count == 1:
+        files = ["model.safetensors"]
+    for i, file in enumerate(files):
+        (folder / f"shard-{i:05d}").rename(folder / file)
+    if count > 1:
+        weight_map = {name: files[i] for i, names in enumerate(shard_names) for name in names}
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return count
 
 
 def run_cli(convert: Callable[[], Path]) -> int:

@@ -49,12 +49,14 @@ def generate(seed: int = SEED) -> dict[str, list[dict[str, str]]]:
     rng = random.Random(seed)
     operands = [(a, b) for a in range(100) for b in range(100)]
     rng.shuffle(operands)
-    splits, start = {}, 0
+    splits = {}
+    start = 0
     for split, size in SPLIT_SIZES.items():
         rows = []
         for a, b in operands[start : start + size]:
             rows.append({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(_wrong_sum(a, b, rng))})
-        splits[split], start = rows, start + size
+        splits[split] = rows
+        start = start + size
     return splits
 
 

@@ -75,7 +75,9 @@ def check_columns(fmt: str, columns: Sequence[str], source: str, mapping: Mappin
 class _RowProblem(Exception):
     def __init__(self, reason: str, field: str, detail: str) -> None:
         super().__init__(detail)
-        self.reason, self.field, self.detail = reason, field, detail
+        self.reason = reason
+        self.field = field
+        self.detail = detail
 
 
 def _text(row: Mapping[str, Any], column: str, *, allow_empty: bool = False) -> str:

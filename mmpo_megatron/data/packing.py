@@ -100,7 +100,8 @@ def collate_packed(pairs: Sequence[Pair], bins: Sequence[Sequence[int]], row_len
     sequence_ids = torch.full((n, row_length), -1, dtype=torch.long)
     sequences = []
     for r, members in enumerate(bins):
-        offset, seg = 0, 0
+        offset = 0
+        seg = 0
         for pos in members:
             for side in ("chosen", "rejected"):
                 inputs, targets, mask = shifted_row(pairs[pos]["prompt_ids"], pairs[pos][f"{side}_ids"])
@@ -112,7 +113,8 @@ def collate_packed(pairs: Sequence[Pair], bins: Sequence[Sequence[int]], row_len
                 segment_ids[r, offset:end] = seg
                 sequence_ids[r, offset:end] = len(sequences)
                 sequences.append((r, pos, side))
-                offset, seg = end, seg + 1
+                offset = end
+                seg = seg + 1
     return PackedBatch(
         input_ids, labels, loss_mask, position_ids, segment_ids, sequence_ids,
         torch.tensor([pos for _, pos, _ in sequences], dtype=torch.long),

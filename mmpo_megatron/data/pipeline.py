@@ -295,7 +295,8 @@ def build_pairs(
     """All sources prepared and concatenated, each by its weight (the fraction of it an epoch
     uses: 1.0 + 1.0 is the plain concatenation); returns the pairs and the merged report.
     ``held_out``: held-out data, where a weight above 1 does not repeat pairs (capped at 1)."""
-    used, report = [], DataReport()
+    used = []
+    report = DataReport()
     for number, source in enumerate(sources):
         kept, source_report = prepare_source(source, tokenizer, config)
         if len(kept) == 0:

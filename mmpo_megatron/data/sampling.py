@@ -36,8 +36,13 @@ class PairSampler:
             raise ValueError(f"{num_pairs} pairs cannot fill one global batch of {global_batch_size}")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
-        self.num_pairs, self.global_batch_size, self.micro_batch_size = num_pairs, global_batch_size, micro_batch_size
-        self.dp_rank, self.dp_size, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
+        self.num_pairs = num_pairs
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.seed = seed
+        self.shuffle = shuffle
         self.lengths = lengths
         self.steps_per_epoch = num_pairs // global_batch_size
 

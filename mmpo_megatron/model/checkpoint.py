@@ -442,7 +442,8 @@ class AsyncSaves:
         self._queue.maybe_finalize_async_calls(blocking=blocking)
         if self._queue.get_num_unfinalized_calls():
             return None
-        done, self.pending = self.pending, None
+        done = self.pending
+        self.pending = None
         self.last_duration_s = time.perf_counter() - self._started
         return done
 

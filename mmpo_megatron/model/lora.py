@@ -85,7 +85,9 @@ class LoraAdapters(torch.nn.Module):
         self.linear_name = linear_name
         self.column = linear_name in COLUMN_PARALLEL
         self.projections = torch.nn.ModuleDict(projections)
-        self.scale, self.sequence_parallel, self.qkv_groups = scale, sequence_parallel, qkv_groups
+        self.scale = scale
+        self.sequence_parallel = sequence_parallel
+        self.qkv_groups = qkv_groups
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
         self.enabled = True
         # This rank's starting values (PEFT's initialisation or init_from), kept on the CPU (adapters

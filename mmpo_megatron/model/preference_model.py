@@ -25,13 +25,14 @@ import torch
 import torch.distributed as dist
 
 from mmpo_megatron.config import ConfigError, OptimConfig, TrainConfig
+from mmpo_megatron.messages import say
 from mmpo_megatron.model import checkpoint as ckpt
 from mmpo_megatron.model.builder import build_model_chunks, default_pack_length, resolve_dtype, unwrap
 from mmpo_megatron.model.objective import Objective, objective_for
 from mmpo_megatron.model.optimizer import masters_out_of_step, wrap_for_training
 from mmpo_megatron.model.reference import ReferenceSource
 from mmpo_megatron.model.schedule import (
-    HeadAndMask,
+    ForwardPlan,
     MicroBatch,
     microbatch_multiple,
     score_microbatches,
@@ -53,20 +54,26 @@ attention is sharp, move by more."""
 class MegatronPreferenceModel:
     """Policy chunks (DDP-wrapped with optimizer and scheduler when training), a reference source,
     and the objective. How packed rows are masked and whether the output layer is fused into the
-    log-probs are this object's ``head_and_mask``."""
+    log-probs are this object's ``forward_plan``."""
 
     def __init__(self, chunks: Sequence[torch.nn.Module], objective: Objective, *, vocab_size: int, pad_id: int,
-                 head_and_mask: HeadAndMask, pad_to_multiple: int = 16, pack_length: int | None = None,
+                 forward_plan: ForwardPlan, pad_to_multiple: int = 16, pack_length: int | None = None,
                  micro_batch_size: int = 1, optimizer=None, scheduler=None) -> None:
         from megatron.core import parallel_state as ps
 
-        self.chunks, self.objective = list(chunks), objective
+        self.chunks = list(chunks)
+        self.objective = objective
         config = unwrap(self.chunks[0]).config
         if config.sequence_parallel:  # the sequence is split over the TP ranks: its length must divide
             pad_to_multiple = math.lcm(pad_to_multiple, config.tensor_model_parallel_size)
-        self.vocab_size, self.pad_id, self.pad_to_multiple = vocab_size, pad_id, pad_to_multiple
-        self.head_and_mask, self.pack_length, self.micro_batch_size = head_and_mask, pack_length, micro_batch_size
-        self.optimizer, self.scheduler = optimizer, scheduler
+        self.vocab_size = vocab_size
+        self.pad_id = pad_id
+        self.pad_to_multiple = pad_to_multiple
+        self.forward_plan = forward_plan
+        self.pack_length = pack_length
+        self.micro_batch_size = micro_batch_size
+        self.optimizer = optimizer
+        self.scheduler = scheduler
         self.reference: ReferenceSource | None = None
         self._holding_weights = False  # inside updated_weights()
         self._packing_checked = False
@@ -94,7 +101,7 @@ class MegatronPreferenceModel:
             pack_length = cfg.data.pack_length or default_pack_length(cfg.model, cfg.data.max_length,
                                                                       cfg.train.micro_batch_size, device)
         return cls(chunks, objective_for(cfg.loss), vocab_size=vocab_size, pad_id=pad_id,
-                   head_and_mask=HeadAndMask.of(cfg.model), pad_to_multiple=cfg.data.pad_to_multiple,
+                   forward_plan=ForwardPlan.of(cfg.model), pad_to_multiple=cfg.data.pad_to_multiple,
                    pack_length=pack_length, micro_batch_size=cfg.train.micro_batch_size, optimizer=optimizer,
                    scheduler=scheduler)
 
@@ -111,7 +118,7 @@ class MegatronPreferenceModel:
         elsewhere). ``chunks`` scores other weights of the same layout (a resident reference)."""
         with self.updated_weights():
             return score_dataset(chunks or self.chunks, pairs, self.micro_batch_size, self.pad_id,
-                                 self.pad_to_multiple, self.device, self.vocab_size, self.head_and_mask,
+                                 self.pad_to_multiple, self.device, self.vocab_size, self.forward_plan,
                                  progress=progress, pack_length=self.pack_length)
 
     @contextlib.contextmanager
@@ -150,7 +157,7 @@ class MegatronPreferenceModel:
         Reference log-probs must be filled in (fill_reference_logps)."""
         if self.last_stage:
             self.objective.prepare_step(micro_batches, self.dp_group)
-        per_micro = train_microbatches(self.chunks, micro_batches, self.objective, self.head_and_mask,
+        per_micro = train_microbatches(self.chunks, micro_batches, self.objective, self.forward_plan,
                                        forward_only=forward_only)
         return self.broadcast_from_last_stage(reduce_metric_sums(per_micro, self.dp_group) if self.last_stage else None)
 
@@ -161,8 +168,8 @@ class MegatronPreferenceModel:
         the sequences of a row attended to each other. Returns the largest difference."""
         padded = [dataclasses.replace(micro, packed=None) for micro in micro_batches]
         with self.updated_weights():
-            packed_scores = score_microbatches(self.chunks, micro_batches, self.head_and_mask)
-            padded_scores = score_microbatches(self.chunks, padded, self.head_and_mask)
+            packed_scores = score_microbatches(self.chunks, micro_batches, self.forward_plan)
+            padded_scores = score_microbatches(self.chunks, padded, self.forward_plan)
         last_stage_gap = None  # the metrics dict broadcast_from_last_stage sends to every stage
         if self.last_stage:
             gaps = []
@@ -201,10 +208,12 @@ class MegatronPreferenceModel:
         self.optimizer.zero_grad()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         metrics = self.loss_and_metrics(micro_batches)
-        grad_norm, skipped = float("nan"), 1.0
+        grad_norm = float("nan")
+        skipped = 1.0
         if self._grads_finite(metrics.get("loss")):
             _, norm, _ = self.optimizer.step()
-            grad_norm, skipped = float(norm) if norm is not None else float("nan"), 0.0
+            grad_norm = float(norm) if norm is not None else float("nan")
+            skipped = 0.0
         # The schedule follows the step count whether or not the update was applied, so a run with
         # skipped steps still ends its decay on its last step.
         self.scheduler.step(1)
@@ -274,8 +283,8 @@ class MegatronPreferenceModel:
         saved = state.get("scheduler")
         if self.scheduler is not None and saved:
             changed = schedule_changes(saved, self.scheduler.state_dict())
-            if changed and dist.get_rank() == 0:
-                print(f"learning-rate schedule: this run's config, not the checkpoint's ({changed})", flush=True)
+            if changed:
+                say(f"learning-rate schedule: this run's config, not the checkpoint's ({changed})")
             self.scheduler.load_state_dict(saved)
         return state
 

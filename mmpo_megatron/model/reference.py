@@ -135,7 +135,9 @@ class PrecomputedReference(ReferenceSource):
     def __init__(
         self, cache_dir: Path, key_parts: tuple, weights: Callable[[], contextlib.AbstractContextManager]
     ) -> None:
-        self.cache_dir, self.key_parts, self.weights = Path(cache_dir), key_parts, weights
+        self.cache_dir = Path(cache_dir)
+        self.key_parts = key_parts
+        self.weights = weights
         self.train: PairLogProbs | None = None
 
     def score(self, model: "MegatronPreferenceModel", pairs) -> PairLogProbs | None:
@@ -168,7 +170,7 @@ class ResidentReference(ReferenceSource):
 
     def fill(self, model: "MegatronPreferenceModel", micro_batches: Sequence[MicroBatch]) -> None:
         """Run the frozen model on the step's micro-batches (every pipeline stage takes part)."""
-        scored = score_microbatches(self.chunks, micro_batches, model.head_and_mask)
+        scored = score_microbatches(self.chunks, micro_batches, model.forward_plan)
         if model.last_stage:
             _set(micro_batches, scored)
 
@@ -184,7 +186,7 @@ class AdaptersOffReference(ReferenceSource):
     def fill(self, model: "MegatronPreferenceModel", micro_batches: Sequence[MicroBatch]) -> None:
         """Run the policy's chunks on the step's micro-batches with the adapters off."""
         with model.updated_weights(), adapters_disabled(model.chunks):
-            scored = score_microbatches(model.chunks, micro_batches, model.head_and_mask)
+            scored = score_microbatches(model.chunks, micro_batches, model.forward_plan)
         if model.last_stage:
             _set(micro_batches, scored)
 
@@ -236,7 +238,7 @@ class CpuSwapReference(ReferenceSource):
     def fill(self, model: "MegatronPreferenceModel", micro_batches: Sequence[MicroBatch]) -> None:
         """Run the policy's own chunks with the reference weights swapped in."""
         with self._reference_in(model):
-            scored = score_microbatches(model.chunks, micro_batches, model.head_and_mask)
+            scored = score_microbatches(model.chunks, micro_batches, model.forward_plan)
         if model.last_stage:
             _set(micro_batches, scored)
 

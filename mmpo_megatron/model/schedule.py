@@ -34,20 +34,20 @@ from mmpo_megatron.parallel.batch_stats import MAX_PREFIX
 
 
 @dataclass(frozen=True)
-class HeadAndMask:
-    """How a model turns hidden states into log-probs and how it masks packed rows.
-
-    ``fused_chunk`` > 0: the output layer is applied inside the log-probs, that many tokens at a
-    time (the chunks' output layer passes hidden states through); 0: the chunks output logits.
-    ``packed_attention``: ``thd`` (rows laid end to end with cu_seqlens, transformer_engine),
-    ``flex`` (a flex_attention block mask, local_sdpa) or ``dense``.
-    """
+class ForwardPlan:
+    """What the schedule's forward must know of a model beyond its modules, both read off its
+    ModelConfig (``of``): where the output layer runs, and the form packed rows take in attention."""
 
     fused_chunk: int = 0
+    """> 0: the output layer is applied inside the log-probs, that many tokens at a time (the
+    chunks' output layer passes hidden states through); 0: the chunks output logits."""
+
     packed_attention: str = "dense"
+    """``thd`` (rows laid end to end with cu_seqlens, transformer_engine), ``flex`` (a
+    flex_attention block mask, local_sdpa) or ``dense``: what the layer spec's attention takes."""
 
     @classmethod
-    def of(cls, model: "ModelConfig") -> "HeadAndMask":
+    def of(cls, model: "ModelConfig") -> "ForwardPlan":
         """What a model config asks for: ``model.fused_logprob_chunk`` and its layer spec's mask."""
         return cls(fused_chunk=model.fused_logprob_chunk, packed_attention=packed_attention_kind(model))
 
@@ -151,7 +151,7 @@ def _run_schedule(
     model_chunks: Sequence[torch.nn.Module],
     micro_batches: Sequence[MicroBatch],
     make_loss: Callable[[MicroBatch, Any], Callable],
-    head_and_mask: HeadAndMask,
+    forward_plan: ForwardPlan,
     *,
     forward_only: bool,
 ) -> list:
@@ -168,14 +168,14 @@ def _run_schedule(
         else:
             micro_batches = [replace(m, batch=m.batch.padded_to(longest)) for m in micro_batches]
 
-    thd = packed and head_and_mask.packed_attention == "thd"  # one [1, rows * length] sequence per micro-batch
+    thd = packed and forward_plan.packed_attention == "thd"  # one [1, rows * length] sequence per micro-batch
 
     def forward_step(data_iterator, model):
         micro = next(data_iterator)
         # Only a last-stage chunk holds the output layer (and, fused, applies it in the log-probs).
-        fused = head_and_mask.fused_chunk and unwrap(model).post_process
-        head = (output_weight(model), head_and_mask.fused_chunk) if fused else None
-        return _forward(model, micro, head_and_mask.packed_attention), make_loss(micro, head)
+        fused = forward_plan.fused_chunk and unwrap(model).post_process
+        head = (output_weight(model), forward_plan.fused_chunk) if fused else None
+        return _forward(model, micro, forward_plan.packed_attention), make_loss(micro, head)
 
     # Interleaved schedules want one iterator per virtual stage; each walks the same micro-batches.
     iterators = [iter(micro_batches) for _ in model_chunks]
@@ -200,16 +200,16 @@ def microbatch_multiple(model_chunks: Sequence[torch.nn.Module]) -> int:
 
 def train_microbatches(
     model_chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], objective: Objective,
-    head_and_mask: HeadAndMask, *, forward_only: bool = False,
+    forward_plan: ForwardPlan, *, forward_only: bool = False,
 ) -> list[dict[str, Tensor]]:
     """Forward (and, unless ``forward_only``, backward) of one step's micro-batches under the
     objective; returns each micro-batch's metric sums (last stage)."""
-    return _run_schedule(model_chunks, micro_batches, lambda m, h: partial(_loss_func, objective, m, h), head_and_mask,
+    return _run_schedule(model_chunks, micro_batches, lambda m, h: partial(_loss_func, objective, m, h), forward_plan,
                          forward_only=forward_only)
 
 
 def score_microbatches(
-    model_chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], head_and_mask: HeadAndMask
+    model_chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], forward_plan: ForwardPlan
 ) -> list[tuple[Tensor, PairLogProbs]]:
     """Forward-only per-pair log-probs: (data-set positions, PairLogProbs) per micro-batch on the
     last pipeline stage, nothing elsewhere."""
@@ -219,7 +219,7 @@ def score_microbatches(
         chunk.eval()  # scoring is deterministic: no dropout (LoRA's), whoever calls it
     try:
         with torch.no_grad():
-            _run_schedule(model_chunks, micro_batches, lambda m, h: partial(_score_func, store, m, h), head_and_mask,
+            _run_schedule(model_chunks, micro_batches, lambda m, h: partial(_score_func, store, m, h), forward_plan,
                           forward_only=True)
     finally:
         for chunk, mode in zip(model_chunks, training):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from mmpo_megatron.data.collate import collate_pairs
 from mmpo_megatron.data.packing import pack_rows
 from mmpo_megatron.data.sampling import eval_microbatches
-from mmpo_megatron.model.schedule import HeadAndMask, MicroBatch, microbatch_multiple, score_microbatches
+from mmpo_megatron.model.schedule import ForwardPlan, MicroBatch, microbatch_multiple, score_microbatches
 from mmpo_megatron.pair_logprobs import PairLogProbs
 
 
@@ -40,7 +40,7 @@ def microbatches_for(
 
 def score_dataset(
     chunks: Sequence[torch.nn.Module], pairs, micro_batch_size: int, pad_id: int, pad_to_multiple: int, device,
-    vocab_size: int, head_and_mask: HeadAndMask, *, limit: int | None = None, progress: bool = False,
+    vocab_size: int, forward_plan: ForwardPlan, *, limit: int | None = None, progress: bool = False,
     pack_length: int | None = None,
 ) -> PairLogProbs | None:
     """Forward-only scores of every pair (or the first ``limit``); a PairLogProbs on last-stage ranks."""
@@ -65,7 +65,7 @@ def score_dataset(
 
         rounds = tqdm(rounds, desc="scoring", unit="round")
     for start in rounds:
-        results.extend(score_microbatches(chunks, micro[start : start + per_round], head_and_mask))
+        results.extend(score_microbatches(chunks, micro[start : start + per_round], forward_plan))
     for chunk, training in zip(chunks, was_training):
         chunk.train(training)
     if not ps.is_pipeline_last_stage(ignore_virtual=True):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmpo_megatron.config import ConfigError, ParallelConfig
+from mmpo_megatron.config import DEVICES, ConfigError, ParallelConfig, choices
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("parallel.device: 'cuda' was asked for but torch sees no GPU; use device=cpu")
     if device not in ("cuda", "cpu"):
-        raise ConfigError(f"parallel.device: must be 'auto', 'cuda' or 'cpu', got {device!r}")
+        raise ConfigError(f"parallel.device: must be {choices(DEVICES)}, got {device!r}")
     return device
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpo_megatron.config import LoggingConfig
+from mmpo_megatron.messages import say, write_through
 
 # The names users and other tools read from metrics.jsonl (TRL's, where TRL has one).
 CONSOLE_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "grad_norm", "tokens_per_s")
@@ -35,7 +36,7 @@ class MetricsLogger:
         if resume_step is not None and (dropped := drop_rows_after(out / "metrics.jsonl", resume_step)):
             after = (f"past step {resume_step} (logged after the checkpoint resumed from)" if resume_step >= 0
                      else "of an earlier attempt that saved no checkpoint")
-            print(f"metrics.jsonl: {dropped} rows {after} dropped", flush=True)
+            say(f"metrics.jsonl: {dropped} rows {after} dropped")
         self._jsonl = (out / "metrics.jsonl").open("a", encoding="utf-8")
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -53,6 +54,7 @@ class MetricsLogger:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+            write_through(self._bar.write)
         self._start = time.time()
 
     def start_at(self, step: int) -> None:
@@ -86,19 +88,16 @@ class MetricsLogger:
             self.message(f"[{split} step {step}] {summary or json.dumps(record)}")
 
     def message(self, text: str) -> None:
-        """A line of text that does not break the progress bar."""
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.write(text)
-        else:
-            print(text, flush=True)
+        """A line of text that does not break the progress bar (mmpo_megatron.messages.say)."""
+        if self.enabled:
+            say(text)
 
     def close(self) -> None:
         """Flush and close every sink."""
         if not self.enabled:
             return
         if self._bar is not None:
+            write_through(None)
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
@@ -111,7 +110,8 @@ def drop_rows_after(path: Path, step: int) -> int:
     """Rewrite metrics.jsonl without its rows past ``step`` (atomically); returns how many were dropped."""
     if not path.exists():
         return 0
-    kept, dropped = [], 0
+    kept = []
+    dropped = 0
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue

@@ -9,10 +9,10 @@ and fails with one ``config error:`` line that names the key.
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 from mmpo_megatron.config import ConfigError, ModelConfig, TrainConfig, padded_vocab_size
+from mmpo_megatron.messages import say
 
 
 def model_from_hf(model: ModelConfig) -> ModelConfig:
@@ -63,9 +63,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if cfg.model.from_hf:
         cfg.model = model_from_hf(cfg.model)
     if cfg.reference.mode != cfg.reference_mode:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"reference.mode: {cfg.reference_mode} (from {cfg.reference.mode}: {reference_reason(cfg)})",
-                  flush=True)
+        say(f"reference.mode: {cfg.reference_mode} (from {cfg.reference.mode}: {reference_reason(cfg)})")
         cfg.reference.mode = cfg.reference_mode
     if cfg.model.lora.enabled and cfg.model.lora.init_from:
         from mmpo_megatron.model.lora import check_peft_adapter, read_peft_adapter

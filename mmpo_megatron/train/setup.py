@@ -15,6 +15,7 @@ import torch.distributed as dist
 from mmpo_megatron.config import TrainConfig
 from mmpo_megatron.data.pipeline import build_pairs, eval_sources, train_sources, write_report
 from mmpo_megatron.data.tokenizer import load_tokenizer
+from mmpo_megatron.messages import say
 from mmpo_megatron.model import checkpoint as ckpt
 from mmpo_megatron.model.builder import build_model_chunks, resolve_dtype
 from mmpo_megatron.model.preference_model import MegatronPreferenceModel
@@ -73,7 +74,7 @@ def load_data(cfg: TrainConfig, out: Path, is_rank0: bool):
         eval_pairs = eval_pairs.select(held_out_sample(len(eval_pairs), cfg.train.eval_max_pairs, cfg.data.seed))
     if is_rank0:
         write_report(report, out / "data_report.json")
-        print(f"data: {report.summary()}", flush=True)
+        say(f"data: {report.summary()}")
     return tokenizer, train_pairs, eval_pairs
 
 

@@ -17,6 +17,7 @@ import torch
 from mmpo_megatron.config import ConfigError, TrainConfig
 from mmpo_megatron.data.lm import lm_documents
 from mmpo_megatron.data.sampling import PairSampler
+from mmpo_megatron.messages import say
 from mmpo_megatron.model import checkpoint as ckpt
 from mmpo_megatron.model.preference_model import MegatronPreferenceModel
 from mmpo_megatron.parallel import destroy_parallel, initialize_parallel
@@ -74,13 +75,13 @@ class Trainer:
             total_steps=self.total_steps,
         )
         self.records: list[dict[str, Any]] = []
-        self.logger: MetricsLogger | None = None  # set by train(); say() goes through it from then on
         self._lora_base: dict[str, Any] | None = None  # what adapters-only checkpoints record of their base
 
     def train(self, stops: StopConditions | None = None) -> list[dict[str, Any]]:
         """Resume or load starting weights, then step until ``total_steps`` or until ``stops``
         says to stop (TrainingStopped, after a checkpoint); returns the records."""
-        cfg, model = self.cfg, self.model
+        cfg = self.cfg
+        model = self.model
         step, consumed, skipped, resumed, resumed_state = self.start()
         model.set_reference(build_reference(cfg, model, self.train_pairs, self.out, policy_is_initial=not resumed))
         evaluates = bool(cfg.train.eval_interval) and self.eval_pairs is not None
@@ -93,8 +94,8 @@ class Trainer:
         logger = MetricsLogger(self.out, cfg.logging, self.total_steps, enabled=self.is_rank0, run_config=asdict(cfg),
                                resume_step=step if resumed else -1)  # -1: an attempt without a checkpoint
         logger.start_at(step)
-        self.logger = logger
-        interval, in_a_row = cfg.train.eval_interval, 0
+        interval = cfg.train.eval_interval
+        in_a_row = 0
         stops = stops or StopConditions(None, model.device)
         stops.expect_save_bytes(self.checkpoint_bytes())
         ckpt.keep_checkpoint_writes_through(STOP_SIGNALS)
@@ -104,7 +105,8 @@ class Trainer:
             stops.record_eval(time.perf_counter() - evaluating)
         self.background = ckpt.AsyncSaves() if cfg.checkpoint.async_save else None
         self.saved_step = step if resumed else None
-        first_step, reason = step, None
+        first_step = step
+        reason = None
         try:
             while step < self.total_steps:
                 reason = stops.reason(next_step_evaluates=self.evaluates_at(step + 1))
@@ -112,7 +114,8 @@ class Trainer:
                     break
                 started = time.perf_counter()
                 metrics = model.train_step(model.micro_batches(self.train_pairs, sampler.step_microbatches(consumed)))
-                step, consumed = step + 1, consumed + cfg.train.global_batch_size
+                step = step + 1
+                consumed = consumed + cfg.train.global_batch_size
                 in_a_row = in_a_row + 1 if metrics["skipped"] else 0
                 skipped += int(metrics["skipped"])
                 if metrics["skipped"]:
@@ -245,26 +248,18 @@ class Trainer:
         if resume_from is None:
             if cfg.checkpoint.load_weights:
                 loaded = self.model.load_weights(cfg.checkpoint.load_weights)
-                self.say(f"policy weights loaded from {loaded}")
+                say(f"policy weights loaded from {loaded}")
             return 0, 0, 0, False, None
         if cfg.model.lora.enabled:  # adapters-only checkpoints name the base they trained on
             ckpt.check_lora_settings(resume_from, cfg.model.lora)
             ckpt.check_lora_base(resume_from, cfg.checkpoint.load_weights)
         state = self.model.resume(resume_from, base=cfg.checkpoint.load_weights)
         step = state["step"]
-        self.say(f"resumed from {resume_from} (step {step})")
+        say(f"resumed from {resume_from} (step {step})")
         if step >= self.total_steps:
-            self.say(f"nothing to train: this run already reached its {self.total_steps} steps; set a new "
+            say(f"nothing to train: this run already reached its {self.total_steps} steps; set a new "
                      f"train.output_dir, raise train.max_steps, or pass train.overwrite_output_dir=true")
         return step, state["consumed_samples"], state.get("skipped_steps", 0), True, state
-
-    def say(self, text: str) -> None:
-        """One line of the run's log, on global rank 0: through the metrics logger once it exists (so
-        the progress bar stays whole), printed before."""
-        if self.logger is not None:
-            self.logger.message(text)
-        elif self.is_rank0:
-            print(text, flush=True)
 
     def nonfinite(self, logger: MetricsLogger, step: int, in_a_row: int) -> None:
         """Say that a step was skipped; abort after ``train.max_nonfinite_steps`` in a row."""
@@ -314,11 +309,12 @@ class Trainer:
             # The frozen base is already on disk: save the adapters, and which base they go with.
             if self._lora_base is None:
                 self._lora_base = ckpt.lora_base_record(cfg.checkpoint.load_weights)
-            state[ckpt.LORA_BASE], parts = self._lora_base, ckpt.ADAPTERS_ONLY
+            state[ckpt.LORA_BASE] = self._lora_base
+            parts = ckpt.ADAPTERS_ONLY
         path = self.model.save(self.out / "checkpoints", step, state, keep_last=cfg.checkpoint.keep_last, parts=parts,
                                extra_files=source_metadata(cfg), background=background)
         self.saved_step = step
-        self.say(f"checkpoint {'being written' if background else 'saved'}: {path}")
+        say(f"checkpoint {'being written' if background else 'saved'}: {path}")
         return time.perf_counter() - started
 
 
