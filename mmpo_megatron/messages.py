@@ -1,6 +1,7 @@
 """The one channel for the lines a user reads: ``say`` prints a message once, on global rank 0, and
 through the progress bar while one is showing (train/logger.py hands it the bar), so the bar stays
-whole. Per-step numbers go through the MetricsLogger instead; warnings through ``logging``."""
+whole. Per-step numbers go through the MetricsLogger instead; a run's warnings through ``logging``
+(README.md, "Code layout and house rules")."""
 
 from __future__ import annotations
 

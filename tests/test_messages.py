@@ -25,10 +25,17 @@ def test_the_metrics_logger_routes_messages_through_its_bar_and_lets_go_when_clo
     from mmpo_megatron import messages
 
     monkeypatch.setenv("RANK", "0")
-    logger = MetricsLogger(tmp_path, LoggingConfig(tensorboard=False, progress_bar=True), 10, enabled=True)
-    assert messages._writer == logger._bar.write  # tqdm.write: the line goes above the bar
-    logger.close()
+    monkeypatch.setattr(messages, "_writer", None)
+    shown = LoggingConfig(tensorboard=False, progress_bar=True)
+    logger = MetricsLogger(tmp_path / "a", shown, 10, enabled=True)
+    try:
+        assert messages._writer == logger._bar.write  # tqdm.write: the line goes above the bar
+    finally:
+        logger.close()
     assert messages._writer is None
+    # A run that fails before closing its logger leaves no writer to the next one without a bar.
+    MetricsLogger(tmp_path / "crashed", shown, 10, enabled=True)
+    assert messages._writer is not None
     quiet = MetricsLogger(tmp_path / "quiet", LoggingConfig(tensorboard=False, progress_bar=False), 10, enabled=True)
     assert messages._writer is None
     quiet.close()

@@ -88,9 +88,11 @@ class LossConfig:
     """Weight of an added per-token NLL on the chosen response (RPO style); 0 disables it."""
 
     def __post_init__(self) -> None:
-        require(self.name in LOSS_NAMES, "loss.name", f"must be one of {LOSS_NAMES}, got {self.name!r}")
+        require(self.name in LOSS_NAMES, "loss.name", f"must be {choices(LOSS_NAMES)}, got {self.name!r}")
         require(
-            self.norm_scope in NORM_SCOPES, "loss.norm_scope", f"must be one of {NORM_SCOPES}, got {self.norm_scope!r}"
+            self.norm_scope in NORM_SCOPES,
+            "loss.norm_scope",
+            f"must be {choices(NORM_SCOPES)}, got {self.norm_scope!r}",
         )
         require(
             self.aux_input in AUX_INPUTS, "loss.aux_input", f"must be {choices(AUX_INPUTS)}, got {self.aux_input!r}"

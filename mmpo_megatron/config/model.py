@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from mmpo_megatron.config.checks import ConfigError, require
+from mmpo_megatron.config.checks import ConfigError, choices, require
 
 if TYPE_CHECKING:
     from mmpo_megatron.config.parallel import ParallelConfig
@@ -173,10 +173,12 @@ class ModelConfig:
             self.fused_logprob_chunk >= 0, "model.fused_logprob_chunk", f"must be >= 0, got {self.fused_logprob_chunk}"
         )
         require(
-            self.layer_spec in LAYER_SPECS, "model.layer_spec", f"must be one of {LAYER_SPECS}, got {self.layer_spec!r}"
+            self.layer_spec in LAYER_SPECS,
+            "model.layer_spec",
+            f"must be {choices(LAYER_SPECS)}, got {self.layer_spec!r}",
         )
         require(self.recompute in RECOMPUTE_GRANULARITIES, "model.recompute",
-                 f"must be one of {RECOMPUTE_GRANULARITIES}, got {self.recompute!r}")
+                 f"must be {choices(RECOMPUTE_GRANULARITIES)}, got {self.recompute!r}")
         require(self.recompute_method in ("uniform", "block"), "model.recompute_method",
                  f"must be 'uniform' or 'block', got {self.recompute_method!r}")
         require(self.recompute_num_layers >= 1, "model.recompute_num_layers",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmpo_megatron.config.checks import require
+from mmpo_megatron.config.checks import choices, require
 
 REFERENCE_MODES = ("auto", "precompute", "resident", "cpu_swap", "adapters_off")
 
@@ -34,4 +34,4 @@ class ReferenceConfig:
 
     def __post_init__(self) -> None:
         require(self.mode in REFERENCE_MODES, "reference.mode",
-                 f"must be one of {', '.join(REFERENCE_MODES)}, got {self.mode!r}")
+                 f"must be {choices(REFERENCE_MODES)}, got {self.mode!r}")

@@ -167,7 +167,7 @@ def convert_hf_to_megatron(
     """
     from mmpo_megatron.config import padded_vocab_size, validate_layout
     from mmpo_megatron.model.builder import unwrap
-    from mmpo_megatron.model.checkpoint import save_to
+    from mmpo_megatron.model.checkpoint import save_to, staging_folder
 
     hf_dir, output = Path(hf_dir), Path(output)
     hf = read_hf_config(hf_dir)
@@ -201,7 +201,10 @@ def convert_hf_to_megatron(
     state = {"model": asdict(model), "vocab_size": model.vocab_size, "source": str(hf_dir.resolve()),
              "tokenizer": str((output / "tokenizer").resolve()), "dtype": dtype}
     with renamed_when_done(output) as partial:
-        save_to(partial, chunks, None, state)
+        try:
+            save_to(partial, chunks, None, state)
+        finally:  # a failed save leaves its own staging folder beside ``partial``
+            shutil.rmtree(staging_folder(partial), ignore_errors=True)
         (partial / HF_CONFIG).write_text(json.dumps(hf, indent=2))
         if (hf_dir / GENERATION_CONFIG).exists():  # end-of-turn tokens and sampling defaults, for the export
             shutil.copy2(hf_dir / GENERATION_CONFIG, partial / GENERATION_CONFIG)
@@ -237,7 +240,7 @@ def convert_megatron_to_hf(
         resolve_checkpoint,
         saved_model_config,
     )
-    from mmpo_megatron.model.lora import adapter_tensors, merge_adapters, write_peft_adapter
+    from mmpo_megatron.model.lora import adapter_tensors, write_peft_adapter
 
     path = resolve_checkpoint(checkpoint)
     state = json.loads((path / TRAINER_STATE).read_text())
@@ -269,16 +272,7 @@ def convert_megatron_to_hf(
             write_peft_adapter(partial, model.lora, adapter_tensors(chunks), base_model=base)
         return output
     if model.lora.enabled:
-        merged = []
-        moved = _logprob_change(chunks[0], model.vocab_size, lambda: merged.append(merge_adapters(chunks)))
-        say(
-            f"LoRA: merged {merged[0]} adapted linears into the base weights (W + alpha / r * B A in fp32, stored "
-            f"in {dtype}): summed log-probs of 4 random 32-token sequences moved by up to {moved:.3g} nats"
-        )
-        if dtype == "bf16" and moved > 1e-3:
-            print(f"warning: bf16 rounds away part of the adapters' change to the weights ({moved:.3g} nats); "
-                  f"--dtype fp32 keeps the merged model exact, --adapter-only keeps the adapters apart",
-                  file=sys.stderr, flush=True)
+        _merge_adapters(chunks, model, dtype)
     if narrowing:
         change = _logprob_change(chunks[0], model.vocab_size, lambda: _round_to_bf16(chunks[0]))
         print(f"warning: --dtype bf16 rounds this checkpoint's fp32 weights: summed log-probs of 4 random 32-token "
@@ -299,20 +293,40 @@ def convert_megatron_to_hf(
             config = {**source_hf, **config}
         tokenizer_source = weights_dir if base and not (path / "tokenizer").is_dir() else path
         tokenizer = _write_tokenizer(tokenizer_source, state, partial)
-        ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
-        for key, value in ids.items():  # a model without a source (random init) gets the tokenizer's
-            if config.get(key) is None and value is not None:
-                config[key] = value
-        (partial / "config.json").write_text(json.dumps(config, indent=2))
-        generation = next(
-            (d / GENERATION_CONFIG for d in (path, weights_dir) if (d / GENERATION_CONFIG).exists()), None
-        )
-        if generation is not None:
-            shutil.copy2(generation, partial / GENERATION_CONFIG)
-        else:
-            token_ids = {k: v for k, v in config.items() if k in ids}
-            (partial / GENERATION_CONFIG).write_text(json.dumps(token_ids, indent=2))
+        _write_generation_files(partial, config, tokenizer, generation_sources=(path, weights_dir))
     return output
+
+
+def _merge_adapters(chunks, model: ModelConfig, dtype: str) -> None:
+    """Merge the LoRA adapters into the base weights, saying how far that moves the log-probs."""
+    from mmpo_megatron.model.lora import merge_adapters
+
+    merged = []
+    moved = _logprob_change(chunks[0], model.vocab_size, lambda: merged.append(merge_adapters(chunks)))
+    say(
+        f"LoRA: merged {merged[0]} adapted linears into the base weights (W + alpha / r * B A in fp32, stored "
+        f"in {dtype}): summed log-probs of 4 random 32-token sequences moved by up to {moved:.3g} nats"
+    )
+    if dtype == "bf16" and moved > 1e-3:
+        print(f"warning: bf16 rounds away part of the adapters' change to the weights ({moved:.3g} nats); "
+              f"--dtype fp32 keeps the merged model exact, --adapter-only keeps the adapters apart",
+              file=sys.stderr, flush=True)
+
+
+def _write_generation_files(folder: Path, config: dict, tokenizer, generation_sources: tuple[Path, ...]) -> None:
+    """config.json, with the tokenizer's special-token ids where the source config has none (a random
+    init has no source), and generation_config.json: the source's when one has it, else those ids."""
+    ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
+    for key, value in ids.items():
+        if config.get(key) is None and value is not None:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    generation = next((d / GENERATION_CONFIG for d in generation_sources if (d / GENERATION_CONFIG).exists()), None)
+    if generation is not None:
+        shutil.copy2(generation, folder / GENERATION_CONFIG)
+    else:
+        token_ids = {k: v for k, v in config.items() if k in ids}
+        (folder / GENERATION_CONFIG).write_text(json.dumps(token_ids, indent=2))
 
 
 def _cast(tensors: Iterable[tuple[str, Tensor]], dtype: torch.dtype, bar) -> Iterator[tuple[str, Tensor]]:

@@ -338,6 +338,11 @@ def save_checkpoint(
                    background=background, then=prune)
 
 
+def staging_folder(final: Path) -> Path:
+    """Where save_to writes ``final`` before renaming it: ``<final>.tmp`` beside it."""
+    return final.with_name(final.name + ".tmp")
+
+
 def save_to(final: Path, chunks: Sequence[torch.nn.Module], optimizer, trainer_state: dict[str, Any],
             parts: Parts = EVERYTHING, extra_files: dict[str, Path] | None = None, *,
             background: "AsyncSaves | None" = None, then=None) -> Path:
@@ -347,7 +352,7 @@ def save_to(final: Path, chunks: Sequence[torch.nn.Module], optimizer, trainer_s
     from megatron.core import dist_checkpointing
 
     final = Path(final)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = staging_folder(final)
     rank = dist.get_rank()
     if rank == 0:
         if tmp.exists():

@@ -101,8 +101,8 @@ def use_fused_torch_adam(optimizer) -> int:
             if group.get("differentiable") or group.get("fused"):
                 continue
             if all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in group["params"]):
-                group['fused'] = True
-                group['foreach'] = False
+                group["fused"] = True
+                group["foreach"] = False
                 switched += 1
     return switched
 

@@ -54,7 +54,8 @@ class MetricsLogger:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
-            write_through(self._bar.write)
+        # Also without a bar: a run that failed before closing its logger leaves no writer behind.
+        write_through(self._bar.write if self._bar is not None else None)
         self._start = time.time()
 
     def start_at(self, step: int) -> None:

@@ -94,20 +94,21 @@ class Trainer:
         logger = MetricsLogger(self.out, cfg.logging, self.total_steps, enabled=self.is_rank0, run_config=asdict(cfg),
                                resume_step=step if resumed else -1)  # -1: an attempt without a checkpoint
         logger.start_at(step)
-        interval = cfg.train.eval_interval
-        in_a_row = 0
-        stops = stops or StopConditions(None, model.device)
-        stops.expect_save_bytes(self.checkpoint_bytes())
-        ckpt.keep_checkpoint_writes_through(STOP_SIGNALS)
-        if interval and step == 0:
-            evaluating = time.perf_counter()
-            self.log(logger, 0, "eval", self.evaluation(eval_reference))
-            stops.record_eval(time.perf_counter() - evaluating)
-        self.background = ckpt.AsyncSaves() if cfg.checkpoint.async_save else None
-        self.saved_step = step if resumed else None
-        first_step = step
-        reason = None
+        self.background = None  # an error before the first step aborts no earlier run's writer
         try:
+            interval = cfg.train.eval_interval
+            in_a_row = 0
+            stops = stops or StopConditions(None, model.device)
+            stops.expect_save_bytes(self.checkpoint_bytes())
+            ckpt.keep_checkpoint_writes_through(STOP_SIGNALS)
+            if interval and step == 0:
+                evaluating = time.perf_counter()
+                self.log(logger, 0, "eval", self.evaluation(eval_reference))
+                stops.record_eval(time.perf_counter() - evaluating)
+            self.background = ckpt.AsyncSaves() if cfg.checkpoint.async_save else None
+            self.saved_step = step if resumed else None
+            first_step = step
+            reason = None
             while step < self.total_steps:
                 reason = stops.reason(next_step_evaluates=self.evaluates_at(step + 1))
                 if reason is not None:
