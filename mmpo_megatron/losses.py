@@ -277,7 +277,7 @@ def preference_loss(
         raise ValueError(f"unknown loss {config.name!r}")
     if spec.needs_reference and (logps.ref_chosen is None or logps.ref_rejected is None):
         raise ValueError(f"loss {config.name!r} needs reference log-probs, none were given")
-    reduced = logps.reduced(spec.fixed_reduction or config.logp_reduction)
+    reduced = logps.reduced(config.reduction)
     loss, metrics = _FORMULAS[config.name](config, reduced, norm_min, norm_max)
 
     if config.nll_weight > 0:

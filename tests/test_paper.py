@@ -30,6 +30,10 @@ VOCAB = 300
 DOCUMENTS = ["The cat sat on the mat.", "12+7=19", "Preference optimisation keeps the language model's abilities.",
              "a", "short text", "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16"]
 
+# The shape of this file's tiny HF models (a Llama and a Mistral).
+TINY_HF_SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
@@ -41,13 +45,7 @@ def tiny_hf(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("paper")
     config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
+        **TINY_HF_SHAPE,
         rms_norm_eps=1e-5,
         bos_token_id=1,
         eos_token_id=2,
@@ -246,16 +244,7 @@ def test_an_exported_model_generates_and_stops_at_the_source_models_end_of_turn(
     with torch.random.fork_rng():
         torch.manual_seed(1)
         AutoModelForCausalLM.from_config(
-            MistralConfig(
-                vocab_size=VOCAB,
-                hidden_size=32,
-                intermediate_size=48,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                sliding_window=None,
-                max_position_embeddings=128,
-            )
+            MistralConfig(**TINY_HF_SHAPE, sliding_window=None)
         ).save_pretrained(root / "mistral")
     shutil.copy2(root / "hf" / "tokenizer.json", root / "mistral")
     shutil.copy2(root / "hf" / "tokenizer_config.json", root / "mistral")

@@ -116,4 +116,9 @@ class LossConfig:
         """Whether the loss reads reference log-probs (SimPO is reference-free)."""
         return LOSSES[self.name].needs_reference
 
+    @property
+    def reduction(self) -> str:
+        """The sequence log-prob the loss runs on: its LossSpec's fixed one, else ``logp_reduction``."""
+        return LOSSES[self.name].fixed_reduction or self.logp_reduction
+
 

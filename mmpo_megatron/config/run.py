@@ -58,18 +58,25 @@ class TrainConfig:
 
     @property
     def reference_mode(self) -> str:
-        """``reference.mode`` as the run uses it: ``auto`` resolved, and ``precompute`` for a loss that
-        reads no reference (SimPO), the mode that keeps nothing of one on the device. The config is
-        not rewritten here; preflight writes the result back, so the run folder's config.yaml and
-        its log state the mode the run used."""
+        """``reference.mode`` as the run uses it (reference_resolution)."""
+        return self.reference_resolution()[0]
+
+    def reference_resolution(self) -> tuple[str, str]:
+        """``reference.mode`` as the run uses it, and why, for the run's log: ``auto`` resolved, and
+        ``precompute`` for a loss that reads no reference (SimPO), the mode that keeps nothing of one
+        on the device. The config is not rewritten here; preflight writes the mode back, so the run
+        folder's config.yaml and its log state the mode the run used."""
         if not self.loss.needs_reference:
-            return "precompute"
+            return "precompute", f"loss {self.loss.name} reads no reference"
         if self.reference.mode != "auto":
-            return self.reference.mode
+            return self.reference.mode, "as configured"
         # LoRA from PEFT's B = 0 starts at the base: the adapters switched off are the reference.
         # From an init_from adapter (an SFT adapter) the starting policy is base + that adapter.
-        fresh_adapters = self.model.lora.enabled and not self.model.lora.init_from
-        return "adapters_off" if fresh_adapters else "precompute"
+        if self.model.lora.enabled and not self.model.lora.init_from:
+            return "adapters_off", "fresh LoRA adapters start at the base, which is the reference with the adapters off"
+        if self.reference.checkpoint:
+            return "precompute", "reference.checkpoint's log-probs, scored once before training"
+        return "precompute", "the starting policy's log-probs, scored once before training"
 
     def validate_for_world(self, world_size: int) -> None:
         """Checks that need the world size; errors name the field."""

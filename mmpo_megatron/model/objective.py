@@ -51,7 +51,7 @@ class MMPOObjective(Objective):
         counts = micro.batch.loss_mask.sum(-1)
         pairs = micro.batch.num_pairs
         ref = PairLogProbs(micro.ref_chosen, micro.ref_rejected, counts[:pairs], counts[pairs:])
-        chosen, rejected, _, _ = ref.reduced(self.config.logp_reduction)
+        chosen, rejected, _, _ = ref.reduced(self.config.reduction)
         loss = self.config
         return prior_rewards(
             chosen, rejected, beta=loss.beta, eps_chosen=loss.eps_chosen, eps_rejected=loss.eps_rejected

@@ -62,9 +62,10 @@ def preflight(cfg: TrainConfig, world_size: int) -> TrainConfig:
 
     if cfg.model.from_hf:
         cfg.model = model_from_hf(cfg.model)
-    if cfg.reference.mode != cfg.reference_mode:
-        say(f"reference.mode: {cfg.reference_mode} (from {cfg.reference.mode}: {reference_reason(cfg)})")
-        cfg.reference.mode = cfg.reference_mode
+    mode, why = cfg.reference_resolution()
+    if cfg.reference.mode != mode:
+        say(f"reference.mode: {mode} (from {cfg.reference.mode}: {why})")
+        cfg.reference.mode = mode
     if cfg.model.lora.enabled and cfg.model.lora.init_from:
         from mmpo_megatron.model.lora import check_peft_adapter, read_peft_adapter
 
@@ -87,17 +88,6 @@ def preflight(cfg: TrainConfig, world_size: int) -> TrainConfig:
     padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel)
     check_lm_documents_fit(cfg, device)
     return cfg
-
-
-def reference_reason(cfg: TrainConfig) -> str:
-    """Why ``reference.mode`` resolves as it does, for the run's log."""
-    if not cfg.loss.needs_reference:
-        return f"loss {cfg.loss.name} reads no reference"
-    if cfg.reference_mode == "adapters_off":
-        return "fresh LoRA adapters start at the base, which is the reference with the adapters off"
-    if cfg.reference.checkpoint:
-        return "reference.checkpoint's log-probs, scored once before training"
-    return "the starting policy's log-probs, scored once before training"
 
 
 def check_lm_documents_fit(cfg: TrainConfig, device: str) -> None:
